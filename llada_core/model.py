@@ -1,0 +1,243 @@
+"""The LLaDA-MoE forward pass, top to bottom (LLADA_SPEC sections 1-3).
+
+Legend: B batch, L length, T tokens (B*L), D hidden, H heads, Hk KV heads, Dh head dim,
+E experts, K top-k, F expert FFN, V vocab, S routed slots (T*K), C slots per expert (padded).
+
+Block: h = h + Attn(RMSNorm(h)); h = h + MoE(RMSNorm(h)); final RMSNorm; lm_head at every
+position (no shift: position i predicts token i). Attention is bidirectional.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llada_core.config import LLaDAMoEConfig
+
+
+@dataclass
+class ModelOutput:
+    """``logits`` [B, L, V]; ``router_logits`` one fp32 [T, E] per layer (for the aux losses)."""
+
+    logits: torch.Tensor
+    router_logits: tuple[torch.Tensor, ...]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, cast back to the input dtype (weight applied after the cast)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_fp32.to(x.dtype)
+
+
+def rope_cos_sin(
+    position_ids_BL: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, L, Dh] in fp32 for the rotate-half (NeoX) layout over the full head_dim."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids_BL.device).float() / head_dim))
+    angles_BLh = position_ids_BL.float()[..., None] * inv_freq  # [B, L, Dh/2]
+    angles_BLD = torch.cat([angles_BLh, angles_BLh], dim=-1)
+    return angles_BLD.cos(), angles_BLD.sin()
+
+
+def apply_rope(x_BHLD: torch.Tensor, cos_BLD: torch.Tensor, sin_BLD: torch.Tensor) -> torch.Tensor:
+    x = x_BHLD.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos_BLD[:, None], sin_BLD[:, None]  # broadcast over heads
+    return (x * cos + rotated * sin).to(x_BHLD.dtype)
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head attention; per-head QK RMSNorm after projection, before RoPE."""
+
+    def __init__(self, config: LLaDAMoEConfig) -> None:
+        super().__init__()
+        d, dh = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, dh
+        self.q_proj = nn.Linear(d, self.num_heads * dh, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * dh, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * dh, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * dh, d, bias=False)
+        self.q_norm = RMSNorm(dh, config.rms_norm_eps) if config.qk_layernorm else nn.Identity()
+        self.k_norm = RMSNorm(dh, config.rms_norm_eps) if config.qk_layernorm else nn.Identity()
+
+    def forward(
+        self, x_BLD: torch.Tensor, cos_BLD: torch.Tensor, sin_BLD: torch.Tensor,
+        key_mask_B11L: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, length, _ = x_BLD.shape
+        q_BHLD = self.q_norm(self.q_proj(x_BLD).view(b, length, self.num_heads, self.head_dim)).transpose(1, 2)
+        k_BHLD = self.k_norm(self.k_proj(x_BLD).view(b, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v_BHLD = self.v_proj(x_BLD).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHLD, k_BHLD = apply_rope(q_BHLD, cos_BLD, sin_BLD), apply_rope(k_BHLD, cos_BLD, sin_BLD)
+        if self.num_kv_heads != self.num_heads:
+            repeat = self.num_heads // self.num_kv_heads
+            k_BHLD, v_BHLD = k_BHLD.repeat_interleave(repeat, 1), v_BHLD.repeat_interleave(repeat, 1)
+        out_BHLD = F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLD, attn_mask=key_mask_B11L)
+        return self.o_proj(out_BHLD.transpose(1, 2).reshape(b, length, -1))
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored stacked, so all of them run as batched matrix products.
+
+    Parameters are [E, F, D] / [E, D, F]; checkpoint I/O converts to and from the released
+    per-expert keys (``experts.{e}.gate_proj.weight``).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, ffn_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))
+
+    def forward(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[t, k] * Expert_{idx[t, k]}(x[t]) for every token, dropless. -> [T, D]."""
+        num_tokens, top_k = expert_idx_TK.shape
+        num_experts = self.gate_proj.shape[0]
+        # Sort the T*K routed slots by expert so each expert's slots are contiguous.
+        expert_S = expert_idx_TK.reshape(-1)
+        order_S = torch.argsort(expert_S, stable=True)
+        expert_sorted_S = expert_S[order_S]
+        token_S = order_S // top_k
+        counts_E = torch.bincount(expert_S, minlength=num_experts)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        slot_in_expert_S = torch.arange(expert_S.numel(), device=x_TD.device) - starts_E[expert_sorted_S]
+        capacity = int(counts_E.max()) if expert_S.numel() else 0  # dropless: the largest group
+        # Scatter into a padded [E, C, D] buffer and run one batched matmul per projection.
+        x_ECD = x_TD.new_zeros(num_experts, capacity, x_TD.shape[-1])
+        x_ECD = x_ECD.index_put((expert_sorted_S, slot_in_expert_S), x_TD[token_S])
+        h_ECF = F.silu(torch.bmm(x_ECD, self.gate_proj.transpose(1, 2))) * torch.bmm(x_ECD, self.up_proj.transpose(1, 2))
+        y_ECD = torch.bmm(h_ECF, self.down_proj.transpose(1, 2))
+        y_SD = y_ECD[expert_sorted_S, slot_in_expert_S] * weights_TK.reshape(-1)[order_S, None].to(y_ECD.dtype)
+        return x_TD.new_zeros(num_tokens, x_TD.shape[-1]).index_add(0, token_S, y_SD)
+
+
+def route(router_logits_TE: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper Eq. 3-4: fp32 softmax over all experts, top-k, weights kept as they are unless
+    ``normalize``. -> (weights [T, K] fp32, expert indices [T, K])."""
+    probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
+    weights_TK, expert_idx_TK = torch.topk(probs_TE, top_k, dim=-1)
+    if normalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+    return weights_TK, expert_idx_TK
+
+
+class MoE(nn.Module):
+    """Router (``gate``) plus dropless grouped experts; every token reaches its top-k experts."""
+
+    def __init__(self, config: LLaDAMoEConfig) -> None:
+        super().__init__()
+        self.top_k, self.normalize = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
+
+    def forward(self, x_BLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])
+        router_logits_TE = F.linear(x_TD.float(), self.gate.weight.float())  # fp32 router
+        weights_TK, expert_idx_TK = route(router_logits_TE, self.top_k, self.normalize)
+        out_TD = self.experts(x_TD, expert_idx_TK, weights_TK)
+        return out_TD.view_as(x_BLD), router_logits_TE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config)
+
+    def forward(self, h_BLD, cos_BLD, sin_BLD, key_mask_B11L):
+        h_BLD = h_BLD + self.self_attn(self.input_layernorm(h_BLD), cos_BLD, sin_BLD, key_mask_B11L)
+        moe_out_BLD, router_logits_TE = self.mlp(self.post_attention_layernorm(h_BLD))
+        return h_BLD + moe_out_BLD, router_logits_TE
+
+
+class LLaDAMoEBackbone(nn.Module):
+    """Embedding, decoder layers and final norm (the ``model.`` prefix of the released keys)."""
+
+    def __init__(self, config: LLaDAMoEConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LLaDAMoEModelLM(nn.Module):
+    """LLaDA-MoE mask predictor: ``model(input_ids, attention_mask=None)`` -> ModelOutput."""
+
+    def __init__(self, config: LLaDAMoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LLaDAMoEBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms; output projections scaled
+        down by sqrt(2 * layers) so the residual stream does not grow with depth."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, param in self.named_parameters():
+            if param.device.type == "meta":
+                continue
+            if param.dim() == 1:
+                param.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj")):
+                param.normal_(0.0, out_std)
+            else:
+                param.normal_(0.0, std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """input_ids [B, L]; attention_mask [B, L] (1 = token, 0 = padding, which no query attends
+        to); position_ids [B, L] default to cumsum(mask) - 1, so a left-padded row sees the same
+        positions as the row alone."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [batch, length], got shape {tuple(input_ids.shape)}")
+        key_mask_B11L = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
+                )
+            mask_BL = attention_mask.bool()
+            # A row that is all padding would attend to nothing (NaN); let it attend everywhere.
+            key_mask_B11L = (mask_BL | ~mask_BL.any(-1, keepdim=True))[:, None, None, :]
+            if position_ids is None:
+                position_ids = (mask_BL.long().cumsum(-1) - 1).clamp(min=0)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        cos_BLD, sin_BLD = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        h_BLD = self.model.embed_tokens(input_ids)
+        router_logits = []
+        for layer in self.model.layers:
+            h_BLD, router_logits_TE = layer(h_BLD, cos_BLD, sin_BLD, key_mask_B11L)
+            router_logits.append(router_logits_TE)
+        logits_BLV = self.lm_head(self.model.norm(h_BLD))
+        return ModelOutput(logits=logits_BLV, router_logits=tuple(router_logits))
