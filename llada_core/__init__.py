@@ -4,10 +4,18 @@ Single-device code only: distribution (Ray, DeepSpeed) lives in ``jobs/``.
 """
 
 from llada_core.config import PRESETS, LLaDAMoEConfig, count_parameters, preset
+from llada_core.likelihood import choose, elbo_nll, elbo_nll_choices
 from llada_core.model import LLaDAMoEModelLM, ModelOutput
+from llada_core.sampling import SamplingOptions, generate, num_transfer_tokens
 
 __all__ = [
     "PRESETS",
+    "SamplingOptions",
+    "choose",
+    "elbo_nll",
+    "elbo_nll_choices",
+    "generate",
+    "num_transfer_tokens",
     "LLaDAMoEConfig",
     "LLaDAMoEModelLM",
     "ModelOutput",

@@ -1,0 +1,310 @@
+"""Masked-diffusion sampler for LLaDA-MoE: semi-autoregressive blocks, low-confidence remasking.
+
+Legend: B batch, P prompt length, G gen_length, L = P + G, K block_length, N num_blocks,
+S sampling steps per block, V vocab.
+
+The reverse process of LLaDA (paper Eq. 6, LLADA_SPEC section 6): start from
+``[prompt, MASK x G]``; at every sampling step predict every masked position of the current
+block and commit (unmask) the most confident predictions, the rest stay masked. Blocks are
+filled left to right; the number of commits per step follows a fixed schedule. The public
+entry point, :func:`generate`, takes the arguments of the official LLaDA ``generate()`` with the
+same meaning, plus a ``torch.Generator`` for reproducible sampling.
+
+The loop is split per block (:func:`_denoise_block`) and per step (predict, then select) so
+that confidence-threshold commits, KV caches and early stop can each replace one piece.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REMASKING_STRATEGIES = ("low_confidence", "random")
+
+# Confidence given to a prediction of EOS / end-of-turn when ``confidence_eos_eot_inf`` is on:
+# below every probability (so it is committed only when nothing else is left in the block) but
+# above the -inf that marks positions that may not be committed at all.
+_DEMOTED_CONFIDENCE = -1.0
+
+BlockCallback = Callable[[int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The validated arguments of :func:`generate` (everything but the tensors and the model)."""
+
+    gen_length: int
+    block_length: int
+    num_blocks: int
+    steps_per_block: int
+    temperature: float
+    cfg_scale: float
+    remasking: str
+    mask_id: int
+    eos_id: int | None
+    eot_id: int | None
+    logits_eos_inf: bool
+    confidence_eos_eot_inf: bool
+
+
+def num_transfer_tokens(num_masked_B: torch.Tensor, steps: int) -> torch.Tensor:
+    """How many tokens to commit at each of ``steps`` sampling steps -> [B, steps] int64.
+
+    LLaDA's noise schedule is linear in t, so equal time intervals unmask equal expected counts:
+    every step commits ``n // steps`` tokens and the first ``n % steps`` steps one more
+    (e.g. 10 masks over 4 steps -> 3, 3, 2, 2). Each row sums to its ``n``.
+    """
+    num_masked_B = num_masked_B.long()
+    base_B1 = (num_masked_B // steps)[:, None]
+    remainder_B1 = (num_masked_B % steps)[:, None]
+    step_index_1S = torch.arange(steps, device=num_masked_B.device)[None, :]
+    return base_B1 + (step_index_1S < remainder_B1).long()
+
+
+def gumbel_max_scores(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Scores whose argmax is a sample at ``temperature`` (the logits themselves at 0).
+
+    The official code samples with ``exp(logits) / (-log u) ** T`` in float64 (low precision
+    Gumbel-max hurts generation quality, arXiv:2409.02908). We take the log of that expression,
+    ``logits - T * log(-log u)``, which has the same argmax for the same noise ``u`` but cannot
+    overflow ``exp`` on large logits.
+    """
+    if temperature == 0:
+        return logits
+    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    return logits.double() - temperature * torch.log(-torch.log(noise))
+
+
+def predict(
+    logits_BKV: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted tokens and their confidences at every position of a block -> ([B, K], [B, K]).
+
+    Confidence is the softmax probability of the predicted token (``low_confidence``) or a
+    uniform random number (``random``). Random draws happen in this order: Gumbel noise
+    [B, K, V] (if temperature > 0), then random confidences [B, K] (if ``random``).
+    """
+    logits_BKV = logits_BKV.double()
+    if options.logits_eos_inf:
+        logits_BKV = logits_BKV.index_fill(-1, _ids(options.eos_id, logits_BKV.device), -math.inf)
+    scores_BKV = gumbel_max_scores(logits_BKV, options.temperature, generator)
+    # MASK is an input symbol, never an answer: committing it would leave the position masked.
+    scores_BKV = scores_BKV.index_fill(-1, _ids(options.mask_id, logits_BKV.device), -math.inf)
+    predicted_BK = scores_BKV.argmax(dim=-1)
+    if options.remasking == "low_confidence":
+        probs_BKV = F.softmax(logits_BKV, dim=-1)
+        confidence_BK = probs_BKV.gather(-1, predicted_BK[..., None]).squeeze(-1)
+    else:
+        confidence_BK = torch.rand(
+            predicted_BK.shape, generator=generator, dtype=torch.float64, device=predicted_BK.device
+        )
+    if options.confidence_eos_eot_inf:
+        # Instruct models over-predict EOS early; committing it last keeps answers from being cut.
+        stop_ids = [i for i in (options.eos_id, options.eot_id) if i is not None]
+        is_stop_BK = torch.isin(predicted_BK, torch.tensor(stop_ids, device=predicted_BK.device))
+        confidence_BK = confidence_BK.masked_fill(is_stop_BK, _DEMOTED_CONFIDENCE)
+    return predicted_BK, confidence_BK
+
+
+def select_top_k(confidence_BK: torch.Tensor, num_to_commit_B: torch.Tensor) -> torch.Tensor:
+    """The ``num_to_commit[b]`` most confident positions of each row -> bool [B, K].
+
+    Ties go to the leftmost position (stable sort), so the choice is deterministic. Positions
+    with -inf confidence are never chosen while enough finite ones exist.
+    """
+    order_BK = torch.argsort(confidence_BK, dim=-1, descending=True, stable=True)
+    positions_BK = torch.arange(confidence_BK.shape[-1], device=confidence_BK.device).expand_as(order_BK)
+    rank_BK = torch.empty_like(order_BK).scatter_(-1, order_BK, positions_BK)
+    return rank_BK < num_to_commit_B[:, None]
+
+
+def model_logits(
+    model: nn.Module,
+    x_BL: torch.Tensor,
+    attention_mask_BL: torch.Tensor | None,
+    prompt_length: int,
+    cfg_scale: float,
+    mask_id: int,
+) -> torch.Tensor:
+    """Logits of the mask predictor [B, L, V], with classifier-free guidance when cfg_scale > 0.
+
+    Guidance runs the unconditional pass (prompt replaced by MASK) in the same forward as the
+    conditional one and returns ``uncond + (cfg + 1) * (cond - uncond)`` in float32.
+    """
+    if cfg_scale == 0:
+        return model(x_BL, attention_mask=attention_mask_BL).logits
+    unconditional_BL = x_BL.clone()
+    unconditional_BL[:, :prompt_length] = mask_id
+    both_mask = None if attention_mask_BL is None else torch.cat([attention_mask_BL, attention_mask_BL])
+    logits = model(torch.cat([x_BL, unconditional_BL]), attention_mask=both_mask).logits.float()
+    conditional_BLV, unconditional_BLV = logits.chunk(2, dim=0)
+    return unconditional_BLV + (cfg_scale + 1) * (conditional_BLV - unconditional_BLV)
+
+
+def _ids(token_id: int | None, device: torch.device) -> torch.Tensor:
+    return torch.tensor([] if token_id is None else [token_id], dtype=torch.long, device=device)
+
+
+def _denoise_block(
+    model: nn.Module,
+    x_BL: torch.Tensor,
+    attention_mask_BL: torch.Tensor | None,
+    block: slice,
+    prompt_length: int,
+    options: SamplingOptions,
+    generator: torch.Generator | None,
+) -> None:
+    """Run the sampling steps of one block, committing into ``x_BL`` in place."""
+    schedule_BS = num_transfer_tokens((x_BL[:, block] == options.mask_id).sum(-1), options.steps_per_block)
+    for sampling_step in range(options.steps_per_block):
+        logits_BLV = model_logits(model, x_BL, attention_mask_BL, prompt_length, options.cfg_scale, options.mask_id)
+        predicted_BK, confidence_BK = predict(logits_BLV[:, block], options, generator)
+        still_masked_BK = x_BL[:, block] == options.mask_id
+        confidence_BK = confidence_BK.masked_fill(~still_masked_BK, -math.inf)
+        commit_BK = select_top_k(confidence_BK, schedule_BS[:, sampling_step])
+        assert not (commit_BK & ~still_masked_BK).any(), "the schedule asked for more commits than masks"
+        x_BL[:, block] = torch.where(commit_BK, predicted_BK, x_BL[:, block])
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    steps: int = 128,
+    gen_length: int = 128,
+    block_length: int = 128,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    mask_id: int | None = None,
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
+    generator: torch.Generator | None = None,
+    *,
+    eos_id: int | None = None,
+    eot_id: int | None = None,
+    on_block: BlockCallback | None = None,
+) -> torch.Tensor:
+    """Sample ``gen_length`` tokens after each prompt (LLaDA reverse process, paper Eq. 6).
+
+    Args (those of the official LLaDA ``generate()``, same meaning):
+        model: mask predictor, ``model(ids [B, L], attention_mask=[B, L] | None).logits`` [B, L, V].
+        prompt: [B, P] token ids; rows of different lengths LEFT-padded.
+        attention_mask: [B, P], 1 for prompt tokens, 0 for padding; None means no padding.
+        steps: sampling steps in total, split evenly over the blocks; at most ``gen_length``.
+        gen_length: number of tokens to generate, a multiple of ``block_length``.
+        block_length: tokens per semi-autoregressive block (``gen_length`` = one block).
+        temperature: 0 is greedy (argmax); > 0 samples by Gumbel-max in float64.
+        cfg_scale: classifier-free guidance weight; 0 turns it off.
+        remasking: ``"low_confidence"`` or ``"random"``: which predictions to commit first.
+        mask_id: defaults to ``model.config.mask_token_id``.
+        logits_eos_inf: never predict EOS.
+        confidence_eos_eot_inf: commit EOS / end-of-turn predictions only after every other one.
+    Extra:
+        generator: the source of all random draws (must live on the prompt's device).
+        eos_id: defaults to ``model.config.eos_token_id``; eot_id: end-of-turn id from the
+            tokenizer (``<|role_end|>``), or None to demote EOS only.
+        on_block: called as ``on_block(block_index, x)`` with a copy of the sequence [B, L]
+            each time a block is complete (streaming).
+
+    Returns [B, P + G]: the prompt (as given, padding included) followed by the answer.
+    """
+    options = _resolve_options(
+        model, steps, gen_length, block_length, temperature, cfg_scale, remasking,
+        mask_id, eos_id, eot_id, logits_eos_inf, confidence_eos_eot_inf,
+    )
+    _check_inputs(prompt, attention_mask, generator, options.mask_id)
+    batch_size, prompt_length = prompt.shape
+    x_BL = torch.full((batch_size, prompt_length + gen_length), options.mask_id, dtype=torch.long, device=prompt.device)
+    x_BL[:, :prompt_length] = prompt
+    attention_mask_BL = None
+    if attention_mask is not None:
+        # The generated part is real text for every row: ones, so each row keeps its own positions.
+        answer_mask = attention_mask.new_ones(batch_size, gen_length)
+        attention_mask_BL = torch.cat([attention_mask, answer_mask], dim=1)
+    for block_index in range(options.num_blocks):
+        start = prompt_length + block_index * options.block_length
+        block = slice(start, start + options.block_length)
+        _denoise_block(model, x_BL, attention_mask_BL, block, prompt_length, options, generator)
+        if on_block is not None:
+            on_block(block_index, x_BL.clone())
+    return x_BL
+
+
+def _resolve_options(
+    model: nn.Module, steps: int, gen_length: int, block_length: int, temperature: float,
+    cfg_scale: float, remasking: str, mask_id: int | None, eos_id: int | None, eot_id: int | None,
+    logits_eos_inf: bool, confidence_eos_eot_inf: bool,
+) -> SamplingOptions:
+    """Validate the scalar arguments of :func:`generate`; ValueError names the argument."""
+    for name, value in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    if gen_length % block_length:
+        raise ValueError(f"block_length: {block_length} must divide gen_length={gen_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps: {steps} must be divisible by the number of blocks ({num_blocks} = gen_length / block_length)")
+    if steps > gen_length:
+        raise ValueError(f"steps: {steps} exceeds gen_length={gen_length}; a step must commit at least one token")
+    for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+    if remasking not in REMASKING_STRATEGIES:
+        raise ValueError(f"remasking: {remasking!r} is not one of {REMASKING_STRATEGIES}")
+    config = getattr(model, "config", None)
+    mask_id = _special_id("mask_id", mask_id, config, "mask_token_id", required=True)
+    eos_id = _special_id("eos_id", eos_id, config, "eos_token_id", required=logits_eos_inf or confidence_eos_eot_inf)
+    eot_id = _special_id("eot_id", eot_id, config, "", required=False)
+    return SamplingOptions(
+        gen_length=gen_length, block_length=block_length, num_blocks=num_blocks,
+        steps_per_block=steps // num_blocks, temperature=float(temperature), cfg_scale=float(cfg_scale),
+        remasking=remasking, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
+        logits_eos_inf=bool(logits_eos_inf), confidence_eos_eot_inf=bool(confidence_eos_eot_inf),
+    )
+
+
+def _special_id(name: str, value: int | None, config: object, config_field: str, required: bool) -> int | None:
+    """A special token id: the argument, else the model config's field; checked against the vocab."""
+    if value is None and config is not None and config_field:
+        value = getattr(config, config_field, None)
+    if value is None:
+        if required:
+            raise ValueError(f"{name}: not given and the model has no config.{config_field}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: must be a non-negative int token id, got {value!r}")
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and value >= vocab_size:
+        raise ValueError(f"{name}: {value} is outside the vocabulary [0, {vocab_size})")
+    return value
+
+
+def _check_inputs(
+    prompt: torch.Tensor, attention_mask: torch.Tensor | None, generator: torch.Generator | None, mask_id: int
+) -> None:
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
+        shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise ValueError(f"prompt: expected a [batch, length] tensor (use prompt[None] for one row), got {shape}")
+    if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool or prompt.shape[0] == 0:
+        raise ValueError(f"prompt: expected integer token ids and at least one row, got {prompt.dtype} {tuple(prompt.shape)}")
+    real_BP = torch.ones_like(prompt, dtype=torch.bool)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != prompt.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask: expected the prompt's shape {tuple(prompt.shape)}, got {got}")
+        if attention_mask.device != prompt.device:
+            raise ValueError(f"attention_mask: on {attention_mask.device}, the prompt is on {prompt.device}")
+        if not ((attention_mask == 0) | (attention_mask == 1)).all():
+            raise ValueError("attention_mask: values must be 0 (padding) or 1 (token)")
+        real_BP = attention_mask.bool()
+    if (prompt[real_BP] == mask_id).any():
+        raise ValueError(f"prompt: contains the mask token {mask_id}; the prompt is kept as given, so it may not have masks")
+    if generator is not None and generator.device.type != prompt.device.type:
+        raise ValueError(f"generator: on {generator.device}, the prompt is on {prompt.device}; create it on the same device")
