@@ -3,22 +3,28 @@
 Single-device code only: distribution (Ray, DeepSpeed) lives in ``jobs/``.
 """
 
+from llada_core import hf  # noqa: F401  (registers the transformers Auto classes)
+from llada_core.checkpoint import CheckpointError, load_config, load_model, save_model
 from llada_core.config import PRESETS, LLaDAMoEConfig, count_parameters, preset
 from llada_core.likelihood import choose, elbo_nll, elbo_nll_choices
 from llada_core.model import LLaDAMoEModelLM, ModelOutput
 from llada_core.sampling import SamplingOptions, generate, num_transfer_tokens
 
 __all__ = [
+    "CheckpointError",
     "PRESETS",
     "SamplingOptions",
     "choose",
     "elbo_nll",
     "elbo_nll_choices",
     "generate",
+    "load_config",
+    "load_model",
     "num_transfer_tokens",
     "LLaDAMoEConfig",
     "LLaDAMoEModelLM",
     "ModelOutput",
     "count_parameters",
     "preset",
+    "save_model",
 ]
