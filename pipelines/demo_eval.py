@@ -1,0 +1,125 @@
+"""Held-out eval sets of the demo corpus, built only from held-out keys (``demo_world.is_heldout``).
+
+Record shapes (one JSON object per line in ``eval/{task}.jsonl``):
+
+- ``kind: "generate"`` (exact match): ``prompt`` (raw text for a base model), ``answer``,
+  ``stop`` (cut the generation at the first of these strings or at EOS, strip, then compare with
+  ``answer``), and ``messages`` / ``chat_answer`` for the same item asked of a chat model
+  (compare: ``chat_answer`` must appear in the reply).
+- ``kind: "choice"`` (multiple choice by likelihood): ``prompt``, ``choices``, ``answer_index``.
+- ``kind: "text"`` (held-out text for an ELBO bound): ``text``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+from pipelines import demo_world as world
+
+EVAL_TASKS = ("gen_arithmetic", "gen_counting", "gen_code", "choice_arithmetic", "choice_counting",
+              "choice_grammar", "heldout_text", "heldout_math")
+
+
+def _heldout_items(rng: random.Random, draw: Callable[[random.Random], tuple], count: int) -> list[tuple]:
+    """Up to ``count`` distinct held-out items (by key) from a generator."""
+    items: dict[tuple, tuple] = {}
+    for _ in range(count * 400):
+        item = draw(rng)
+        if world.is_heldout(item[0]) and item[0] not in items:
+            items[item[0]] = item
+            if len(items) == count:
+                break
+    return list(items.values())
+
+
+def _arithmetic_items(rng: random.Random, count: int) -> list[tuple[str, int, int]]:
+    items: dict[tuple, tuple[str, int, int]] = {}
+    for _ in range(count * 400):
+        op, a, b = world.draw_arithmetic(rng)
+        key = world.arithmetic_key(op, a, b)
+        if world.is_heldout(key) and key not in items:
+            items[key] = (op, a, b)
+            if len(items) == count:
+                break
+    return list(items.values())
+
+
+def _choices(rng: random.Random, correct: str, distractors: list[str]) -> tuple[list[str], int]:
+    options = [correct] + [d for d in dict.fromkeys(distractors) if d != correct][:3]
+    rng.shuffle(options)
+    return options, options.index(correct)
+
+
+def _number_distractors(value: int, others: tuple[int, ...]) -> list[str]:
+    candidates = [value + 1, value - 1, value + 10, value - 10, *others]
+    return [str(c) for c in candidates if c >= 0]
+
+
+def generation_tasks(rng: random.Random, count: int) -> dict[str, list[dict[str, Any]]]:
+    from pipelines.corpus import count_question
+
+    arithmetic = [
+        {"prompt": f"{a}{op}{b}=", "answer": str(world.evaluate(op, a, b)), "stop": ["\n"],
+         "messages": [{"role": "user", "content": f"what is {a}{op}{b}?"}],
+         "chat_answer": world.equation(op, a, b)}
+        for op, a, b in _arithmetic_items(rng, count)
+    ]
+    counting = []
+    for key, text, parts in _heldout_items(rng, world.counting_story, count):
+        counting.append({"prompt": parts["prompt"], "answer": parts["answer"], "stop": [" ", "\n"],
+                         "messages": [{"role": "user", "content": count_question(key, parts["prompt"])}],
+                         "chat_answer": text.split(" now ")[-1]})
+    code = []
+    for _, _, parts in _heldout_items(rng, world.code_snippet, count):
+        source = parts["prompt"].split("# output:")[0].rstrip()
+        code.append({"prompt": parts["prompt"], "answer": parts["answer"], "stop": ["\n"],
+                     "messages": [{"role": "user", "content": f"what does this print?\n{source}"}],
+                     "chat_answer": parts["answer"]})
+    return {"gen_arithmetic": arithmetic, "gen_counting": counting, "gen_code": code}
+
+
+def choice_tasks(rng: random.Random, count: int) -> dict[str, list[dict[str, Any]]]:
+    arithmetic = []
+    for op, a, b in _arithmetic_items(rng, count):
+        value = world.evaluate(op, a, b)
+        choices, index = _choices(rng, str(value), _number_distractors(value, (a, b)))
+        arithmetic.append({"prompt": f"{a}{op}{b}=", "choices": choices, "answer_index": index})
+    counting = []
+    for key, _, parts in _heldout_items(rng, world.counting_story, count):
+        thing, start, change, final = key[3], key[4], key[5], int(parts["answer"])
+        numbers = _number_distractors(final, (start, change, start + change, abs(start - change)))
+        choices, index = _choices(rng, f"{final} {world.plural(thing, final)}.",
+                                  [f"{n} {world.plural(thing, int(n))}." for n in numbers])
+        counting.append({"prompt": parts["prompt"], "choices": choices, "answer_index": index})
+    grammar = []
+    for draw in (world.scene_sentence, world.walk_sentence):
+        for _, text in _heldout_items(rng, draw, (count + 1) // 2):
+            words = text.split(" ")
+            prompt, rest = " ".join(words[:2]) + " ", " ".join(words[2:])
+            choices, index = _choices(rng, rest, [world.scramble(rest, rng) for _ in range(6)])
+            grammar.append({"prompt": prompt, "choices": choices, "answer_index": index})
+    rng.shuffle(grammar)
+    return {"choice_arithmetic": arithmetic, "choice_counting": counting, "choice_grammar": grammar[:count]}
+
+
+def text_tasks(rng: random.Random, count: int) -> dict[str, list[dict[str, Any]]]:
+    stories = _heldout_items(rng, world.counting_story, 2 * count)
+    scenes = _heldout_items(rng, world.scene_sentence, count)
+    texts = [{"text": f"{stories[2 * i][1]} {scenes[i][1]} {stories[2 * i + 1][1]}"}
+             for i in range(min(count, len(scenes), len(stories) // 2))]
+    equations = [world.equation(*item) for item in _arithmetic_items(rng, 4 * count)]
+    math = [{"text": "\n".join(equations[4 * i: 4 * i + 4])} for i in range(len(equations) // 4)]
+    return {"heldout_text": texts, "heldout_math": math}
+
+
+def build_eval_sets(seed: int, count: int) -> dict[str, list[dict[str, Any]]]:
+    """Every eval task with up to ``count`` items, deterministic from ``seed``."""
+    rng = random.Random(f"llada-demo-eval:{seed}")
+    tasks = {**generation_tasks(rng, count), **choice_tasks(rng, count), **text_tasks(rng, count)}
+    kinds = {"gen": "generate", "cho": "choice", "hel": "text"}
+    return {
+        task: [{"id": f"{task}-{i:05d}", "task": task, "kind": kinds[task[:3]], **item}
+               for i, item in enumerate(items)]
+        for task, items in tasks.items()
+    }
