@@ -80,6 +80,10 @@ class LocalGroupedExperts(nn.Module):
             # group only, never over all data-parallel ranks.
             param.allreduce = False
             param.group_name = group_name
+        # DeepSpeed checkpoints MoE layers one file per expert, finding experts by the key
+        # pattern ``deepspeed_experts.{i}.``: show the stacked weights that way in state dicts.
+        self.register_state_dict_post_hook(_unstack_experts)
+        self.register_load_state_dict_pre_hook(_restack_experts)
 
     def forward(self, x_GECD: torch.Tensor) -> torch.Tensor:
         g, num_local, capacity, hidden = x_GECD.shape
@@ -87,6 +91,23 @@ class LocalGroupedExperts(nn.Module):
         h_ETF = F.silu(torch.bmm(x_ETD, self.gate_proj.transpose(1, 2))) * torch.bmm(x_ETD, self.up_proj.transpose(1, 2))
         y_ETD = torch.bmm(h_ETF, self.down_proj.transpose(1, 2))
         return y_ETD.view(num_local, g, capacity, hidden).transpose(0, 1)
+
+
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _unstack_experts(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for name in _PROJECTIONS:
+        stacked = state_dict.pop(prefix + name)
+        for index in range(stacked.shape[0]):
+            state_dict[f"{prefix}deepspeed_experts.{index}.{name}"] = stacked[index]
+
+
+def _restack_experts(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    for name in _PROJECTIONS:
+        keys = [f"{prefix}deepspeed_experts.{i}.{name}" for i in range(getattr(module, name).shape[0])]
+        if all(key in state_dict for key in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
 
 
 class ExpertParallelMoE(DeepSpeedMoE):

@@ -72,6 +72,18 @@ def _parity_worker(rank: int, port: int) -> None:
         torch.testing.assert_close(layer.mlp.deepspeed_moe.gate.wg.weight.grad, own[prefix + "gate.weight"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(parallel.lm_head.weight.grad, own["lm_head.weight"], rtol=1e-4, atol=1e-6)
 
+    # DeepSpeed sees one entry per local expert (its MoE checkpoint files), and they load back.
+    keys = parallel.state_dict().keys()
+    assert "model.layers.0.mlp.deepspeed_moe.experts.deepspeed_experts.3.down_proj" in keys
+    assert "model.layers.0.mlp.deepspeed_moe.experts.gate_proj" not in keys
+    torch.manual_seed(1)  # different weights, so only a working load makes them equal
+    reloaded = enable_expert_parallel(LLaDAMoEModelLM(small_config()), ep_size=WORLD)
+    assert not torch.equal(reloaded.model.layers[0].mlp.deepspeed_moe.experts.up_proj,
+                           parallel.model.layers[0].mlp.deepspeed_moe.experts.up_proj)
+    reloaded.load_state_dict(parallel.state_dict())
+    for key, value in parallel.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value)
+
     # The gathered state dict is the native layout with every expert, equal to the start weights.
     state = native_state_dict(parallel)
     assert state.keys() == native.state_dict().keys()

@@ -1,0 +1,128 @@
+"""The configuration of one training stage (pretrain, anneal or SFT), validated.
+
+A recipe (the whole run) is a list of these plus run-level settings; a stage can also be run on
+its own with ``llada train``. Every field that changes the result is here, and the resolved
+config is saved with every checkpoint the stage writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llada_core.config import LLaDAMoEConfig, preset
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    preset: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    def build_config(self, **stage_overrides: Any) -> LLaDAMoEConfig:
+        return preset(self.preset, **{**self.overrides, **stage_overrides})
+
+
+class OptimizerSpec(Strict):
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class ScheduleSpec(Strict):
+    """``warmup_cosine``: linear warmup then cosine to ``min_lr_ratio * lr``.
+    ``wsd`` (warmup-stable-decay): warmup, constant, then linear decay over the last
+    ``decay_fraction`` of the steps. ``constant``: warmup then constant."""
+
+    kind: Literal["warmup_cosine", "wsd", "constant"] = "warmup_cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_fraction: float = Field(0.1, gt=0, le=1)
+
+
+class ScalingSpec(Strict):
+    num_workers: int = Field(1, ge=1)
+    expert_parallel_size: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2] = 0
+    use_gpu: bool = False
+    # CPUs per worker; None computes them from the cluster, leaving CPU for Ray Data.
+    cpus_per_worker: float | None = Field(None, gt=0)
+    # Ray Data's read tasks take 1 CPU each; with less left free, ingest waits for ever.
+    data_cpus: float = Field(1.0, ge=1.0)
+    max_failures: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScalingSpec":
+        if self.num_workers % self.expert_parallel_size:
+            raise ValueError(
+                f"scaling.expert_parallel_size: {self.expert_parallel_size} must divide "
+                f"scaling.num_workers={self.num_workers}"
+            )
+        return self
+
+
+class FaultInjection(Strict):
+    """Reliability testing only: crash ``rank`` once, right before optimizer step ``step``."""
+
+    step: int = Field(ge=1)
+    rank: int = Field(0, ge=0)
+
+
+class StageConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["pretrain", "anneal", "sft"]
+    model: ModelSpec
+    data_uri: str  # a stage's data, as written by pipelines.mixture.write_stage
+    output_uri: str  # this stage's folder: checkpoints, metrics, plots, records
+    tokenizer_uri: str | None = None  # copied into every HF export
+    init_from: str | None = None  # an HF-layout checkpoint to start from (fresh optimizer)
+    num_steps: int = Field(ge=1)
+    micro_batch_size: int = Field(ge=1)  # sequences per worker per micro-step
+    grad_accumulation_steps: int = Field(1, ge=1)
+    max_seq_len: int | None = Field(None, ge=8)  # SFT cap; longer rows are cut
+    rope_theta: float | None = Field(None, gt=0)  # anneal 2 raises it (10k -> 50k)
+    max_position_embeddings: int | None = Field(None, ge=8)
+    variable_length_prob: float = Field(0.01, ge=0, le=1)
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec = ScheduleSpec()
+    scaling: ScalingSpec = ScalingSpec()
+    checkpoint_every: int = Field(ge=1)
+    keep_last: int = Field(3, ge=1)
+    log_every: int = Field(1, ge=1)
+    shuffle_buffer_rows: int = Field(0, ge=0)
+    seed: int = 0
+    fault_injection: FaultInjection | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageConfig":
+        config = self.model_config_resolved()  # raises with the field path on a bad model
+        if config.num_experts % self.scaling.expert_parallel_size:
+            raise ValueError(
+                f"scaling.expert_parallel_size: {self.scaling.expert_parallel_size} does not divide "
+                f"model num_experts={config.num_experts}"
+            )
+        if self.schedule.warmup_steps >= self.num_steps and self.schedule.kind != "constant":
+            raise ValueError(
+                f"schedule.warmup_steps: {self.schedule.warmup_steps} leaves no steps after warmup "
+                f"(num_steps={self.num_steps})"
+            )
+        if self.fault_injection and self.fault_injection.rank >= self.scaling.num_workers:
+            raise ValueError("fault_injection.rank: no such worker")
+        return self
+
+    def model_config_resolved(self) -> LLaDAMoEConfig:
+        """The model config of this stage: preset + overrides + the stage's RoPE / context."""
+        stage_overrides: dict[str, Any] = {}
+        if self.rope_theta is not None:
+            stage_overrides["rope_theta"] = self.rope_theta
+        if self.max_position_embeddings is not None:
+            stage_overrides["max_position_embeddings"] = self.max_position_embeddings
+        try:
+            return self.model.build_config(**stage_overrides)
+        except ValueError as error:
+            raise ValueError(f"model: {error}") from error

@@ -1,0 +1,271 @@
+"""The Ray Train worker loop of one stage: DeepSpeed engine, masked-diffusion objective, MoE aux
+losses, checkpoints with exact resume, per-step metrics.
+
+Legend: B micro-batch, L length, E experts.
+
+The loop reads straight down (CONVENTIONS 4): each iteration first does the occasional work
+(checkpoint), then exactly one optimizer step; it runs once more after the last step so the final
+state is always saved. Everything resume needs (weights, optimizer, LR schedule, step, tokens
+seen, data cursor, metrics so far) is inside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from jobs import checkpoints as ckpt
+from jobs.expert_parallel import enable_expert_parallel, native_state_dict
+from jobs.metrics import StepMetrics, measured_matmul_flops, model_flops_per_token, write_training_plot
+from jobs.stage_config import StageConfig
+from llada_core.checkpoint import load_model, save_model
+from llada_core.losses import forward_process, maybe_truncate_length, pretrain_loss, sft_loss, total_loss
+from llada_core.model import LLaDAMoEModelLM
+from pipelines import storage
+from pipelines.reader import DataCursor, iterate_batches
+
+DEEPSPEED_TAG = "deepspeed"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by ``fault_injection`` (reliability tests)."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    checkpointed_step: int = 0
+    tokens_seen: int = 0
+    cursor: DataCursor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def learning_rate_factor(step: int, config: StageConfig) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based)."""
+    schedule, total = config.schedule, config.num_steps
+    if schedule.warmup_steps and step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    if schedule.kind == "constant":
+        return 1.0
+    floor = schedule.min_lr_ratio
+    if schedule.kind == "wsd":
+        decay_steps = max(1, round(schedule.decay_fraction * total))
+        decay_start = total - decay_steps
+        if step < decay_start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * (step - decay_start + 1) / decay_steps
+    progress = (step - schedule.warmup_steps + 1) / max(1, total - schedule.warmup_steps)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def deepspeed_config(config: StageConfig) -> dict[str, Any]:
+    scaling = config.scaling
+    return {
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": config.grad_accumulation_steps,
+        "gradient_clipping": config.optimizer.grad_clip,
+        "zero_optimization": {"stage": scaling.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW, so no DeepSpeed op build is needed
+        "bf16": {"enabled": scaling.use_gpu},
+        "steps_per_print": 10**9,
+        "checkpoint": {"use_node_local_storage": True},  # each worker saves into its own folder
+    }
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms; expert parameters in their own groups (DeepSpeed-MoE + ZeRO)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def build_model(config: StageConfig, s3: storage.S3Settings | None) -> LLaDAMoEModelLM:
+    """Fresh weights from the preset, or the ``init_from`` checkpoint with the stage's RoPE and
+    context applied (anneal 2 raises them)."""
+    torch.manual_seed(config.seed)
+    if config.init_from is None:
+        return LLaDAMoEModelLM(config.model_config_resolved())
+    with tempfile.TemporaryDirectory() as local:
+        source = storage.download_dir(config.init_from, local, s3) if storage.is_remote(config.init_from) else config.init_from
+        model = load_model(source, dtype=torch.float32)
+    # Only what this stage sets changes; otherwise the checkpoint's values carry on (SFT keeps
+    # anneal 2's RoPE base and context).
+    stage_overrides = {k: getattr(config, k) for k in ("rope_theta", "max_position_embeddings")
+                       if getattr(config, k) is not None}
+    model.config = model.config.replace(**stage_overrides)
+    return model
+
+
+def restore(engine: Any, state: TrainState) -> TrainState:
+    """Load the latest checkpoint Ray Train hands this worker (after a crash or a rerun)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return state
+    with checkpoint.as_directory() as folder:  # on S3 a temporary download: read inside the with
+        _, client_state = engine.load_checkpoint(os.path.join(folder, DEEPSPEED_TAG), tag=DEEPSPEED_TAG)
+    cursor = DataCursor.model_validate(client_state["cursor"]) if client_state.get("cursor") else None
+    step = client_state["step"]
+    return TrainState(step=step, checkpointed_step=step, tokens_seen=client_state["tokens_seen"], cursor=cursor,
+                      history=client_state.get("history", []))
+
+
+def maybe_inject_fault(config: StageConfig, step: int, rank: int, s3: storage.S3Settings | None) -> None:
+    fault = config.fault_injection
+    if fault is None or fault.step != step or fault.rank != rank:
+        return
+    marker = storage.join(config.output_uri, f"_fault_injected_step_{step}")
+    if storage.exists(marker, s3):
+        return  # once only: the restarted worker trains on
+    storage.write_json(marker, {"step": step, "rank": rank}, s3)
+    raise InjectedFault(f"fault injection: worker {rank} crashes before step {step}")
+
+
+def train_step(engine: Any, batch: dict[str, np.ndarray], config: StageConfig, generator: torch.Generator) -> dict[str, Any]:
+    """One micro-batch: forward process, model, Eq. 2 or Eq. 5 plus aux losses, backward, step."""
+    model_config = engine.module.config
+    input_ids = torch.from_numpy(batch["input_ids"])
+    maskable = torch.from_numpy(batch["loss_mask"]) if config.kind == "sft" else None
+    if config.max_seq_len is not None:
+        input_ids = input_ids[:, : config.max_seq_len]
+        maskable = maskable[:, : config.max_seq_len] if maskable is not None else None
+    if config.kind != "sft":
+        input_ids = maybe_truncate_length(input_ids, config.variable_length_prob, generator=generator)
+    masked = forward_process(input_ids, model_config.mask_token_id, maskable=maskable, generator=generator)
+    out = engine(masked.noisy_ids.to(engine.device))
+    target = input_ids.to(engine.device)
+    masked = type(masked)(masked.noisy_ids, masked.masked.to(engine.device), masked.t.to(engine.device))
+    if config.kind == "sft":
+        diffusion = sft_loss(out.logits, target, masked, maskable.to(engine.device))
+    else:
+        diffusion = pretrain_loss(out.logits, target, masked)
+    terms = total_loss(diffusion, out.router_logits, model_config.num_experts_per_tok,
+                       model_config.router_aux_loss_coef, model_config.router_z_loss_coef)
+    engine.backward(terms.total)
+    engine.step()
+    return {"terms": terms, "router_logits": [r.detach() for r in out.router_logits],
+            "num_tokens": int(input_ids.numel()), "seq_len": int(input_ids.shape[1])}
+
+
+def save_checkpoint(engine: Any, model: torch.nn.Module, config: StageConfig, state: TrainState,
+                    s3: storage.S3Settings | None) -> None:
+    """Every rank saves its DeepSpeed state; rank 0 adds the HF export, config and metrics; Ray
+    merges the folders in storage; after a barrier rank 0 writes the completion record last."""
+    rank = dist.get_rank()
+    folder = Path(tempfile.mkdtemp(prefix="llada-ckpt-"))
+    client_state = {"step": state.step, "tokens_seen": state.tokens_seen,
+                    "cursor": state.cursor.model_dump() if state.cursor else None, "history": state.history}
+    engine.save_checkpoint(str(folder / DEEPSPEED_TAG), tag=DEEPSPEED_TAG, client_state=client_state)
+    native_state = native_state_dict(model)  # a collective when experts are sharded
+    last = state.history[-1] if state.history else {}
+    metrics = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": last.get("loss")}
+    if rank == 0:
+        export_hf(native_state, engine.module.config, config, folder / "hf", s3)
+        (folder / "stage_config.json").write_text(config.model_dump_json(indent=2))
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    name = ckpt.checkpoint_name(state.step)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
+    dist.barrier()  # every rank's report (its upload) has returned
+    if rank == 0:
+        checkpoint_uri = storage.join(ckpt.checkpoints_uri(config.output_uri), name)
+        ckpt.write_completion_record(checkpoint_uri, state.step, metrics, s3)
+        write_history(config.output_uri, state.history, s3)
+        ckpt.rotate_checkpoints(config.output_uri, config.keep_last, s3)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def export_hf(native_state: dict[str, torch.Tensor], model_config: Any, config: StageConfig, folder: Path,
+              s3: storage.S3Settings | None) -> None:
+    with torch.device("meta"):
+        model = LLaDAMoEModelLM(model_config)
+    model.load_state_dict({k: v.detach().float().cpu() for k, v in native_state.items()}, assign=True)
+    save_model(model, folder)
+    if config.tokenizer_uri:
+        for file_uri in storage.list_files(config.tokenizer_uri, s3):
+            name = file_uri.rstrip("/").rsplit("/", 1)[-1]
+            if name != "config.json":
+                (folder / name).write_bytes(storage.read_bytes(file_uri, s3))
+
+
+def write_history(stage_uri: str, history: list[dict[str, Any]], s3: storage.S3Settings | None) -> None:
+    text = "".join(json.dumps(row) + "\n" for row in history)
+    storage.write_text(storage.join(stage_uri, "metrics.jsonl"), text, s3)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``loop_config = {"stage": StageConfig dict, "s3": S3Settings dict|None}``."""
+    config = StageConfig.model_validate(loop_config["stage"])
+    s3 = storage.S3Settings.model_validate(loop_config["s3"]) if loop_config.get("s3") else None
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    deepspeed.init_distributed(dist_backend="nccl" if config.scaling.use_gpu else "gloo", verbose=False)
+    model = enable_expert_parallel(build_model(config, s3), config.scaling.expert_parallel_size)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, config.optimizer.weight_decay),
+                                  lr=config.optimizer.lr, betas=config.optimizer.betas, eps=config.optimizer.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                      config=deepspeed_config(config))
+    state = restore(engine, TrainState())
+    cursor = state.cursor or DataCursor(world_size=world, batch_size=config.micro_batch_size, seed=config.seed)
+    meter = StepMetrics(model_flops_per_token(engine.module.config), measured_matmul_flops(), world)
+    batches = _batch_stream(ray.train.get_dataset_shard("train"), cursor, world, config)
+    while True:
+        due = state.step % config.checkpoint_every == 0 or state.step == config.num_steps
+        if state.step > state.checkpointed_step and due:
+            save_checkpoint(engine, model, config, state, s3)
+            state.checkpointed_step = state.step
+        if state.step >= config.num_steps:
+            break
+        maybe_inject_fault(config, state.step + 1, rank, s3)
+        state = _optimizer_step(engine, batches, config, state, meter, rank)
+    if rank == 0:
+        write_training_plot(config.output_uri, state.history, s3)
+
+
+def _batch_stream(shard: Any, cursor: DataCursor, world: int, config: StageConfig):
+    """Batches for ever: the stage's data epoch after epoch, each resumable from its cursor."""
+    while True:
+        produced = False
+        for batch, position in iterate_batches(shard, cursor, world, config.micro_batch_size, config.shuffle_buffer_rows):
+            produced = True
+            yield batch, position
+        if not produced and cursor.batches_consumed == 0:
+            raise RuntimeError(
+                f"{config.data_uri}: not one batch of {config.micro_batch_size} rows per worker "
+                f"({world} workers); give the stage more data or a smaller micro_batch_size")
+        cursor = cursor.next_epoch()
+
+
+def _optimizer_step(engine: Any, batches: Any, config: StageConfig, state: TrainState, meter: StepMetrics,
+                    rank: int) -> TrainState:
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step * 1009 + rank)
+    results = []
+    for _ in range(config.grad_accumulation_steps):
+        batch, state.cursor = next(batches)
+        results.append(train_step(engine, batch, config, generator))
+    row = meter.summarise(results, time.perf_counter() - started, state.step + 1,
+                          engine.get_lr()[0], engine.module.config.num_experts_per_tok)
+    state.step += 1
+    state.tokens_seen += row["tokens"]
+    row["tokens_seen"] = state.tokens_seen
+    state.history.append(row)
+    if rank == 0 and (state.step % config.log_every == 0 or state.step == config.num_steps):
+        print(meter.progress_line(row, config.num_steps, config.name), flush=True)
+    return state
