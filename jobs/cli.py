@@ -1,5 +1,5 @@
 """The `llada` command. One subparser per command; each command lives in its own ``add_*`` /
-``run_*`` pair so new commands (demo, train, eval, run, status, submit, generate, serve) slot in.
+``run_*`` pair (data here; run, train, status, eval, generate, submit, demo in jobs/commands.py).
 
     llada data prepare --output ./runs/demo                 # built-in corpus, tokenizer, shards
     llada data prepare --output s3://bucket/data --source web=s3://bucket/raw/*.jsonl --tokenizer ./tok
@@ -114,13 +114,13 @@ def run_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable[[Any], None], ...] = (add_data_command,)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from jobs.commands import COMMANDS as RECIPE_COMMANDS
+
+    commands: tuple[Callable[[Any], None], ...] = (add_data_command, *RECIPE_COMMANDS)
     parser = argparse.ArgumentParser(prog="llada", description="Train and serve LLaDA-MoE on Ray.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in COMMANDS:
+    for add_command in commands:
         add_command(subparsers)
     return parser
 

@@ -122,8 +122,9 @@ def restore(engine: Any, state: TrainState) -> TrainState:
         _, client_state = engine.load_checkpoint(os.path.join(folder, DEEPSPEED_TAG), tag=DEEPSPEED_TAG)
     cursor = DataCursor.model_validate(client_state["cursor"]) if client_state.get("cursor") else None
     step = client_state["step"]
+    history = client_state.get("history", []) + [{"step": step, "resumed_from": step}]
     return TrainState(step=step, checkpointed_step=step, tokens_seen=client_state["tokens_seen"], cursor=cursor,
-                      history=client_state.get("history", []))
+                      history=history)
 
 
 def maybe_inject_fault(config: StageConfig, step: int, rank: int, s3: storage.S3Settings | None) -> None:

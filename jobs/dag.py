@@ -1,0 +1,149 @@
+"""The stage DAG: data -> pretrain1 -> pretrain2 -> anneal1 -> anneal2 -> SFT, without a
+workflow engine (Ray Workflows is gone). Each stage trains (Ray Train), every checkpoint is
+scored (eval suite, Ray tasks), the selection rule picks one, and the next stage starts from its
+weights with a fresh optimizer and schedule.
+
+Records per stage, in ``stages/{name}/``: ``selection.json`` (the decision and every score) and
+``done.json`` (written last, with the stage's fingerprint). A rerun of the same recipe skips
+stages whose done record matches; a stage without one resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from jobs import checkpoints as ckpt
+from jobs.recipe import Recipe
+from pipelines import storage
+
+DONE_RECORD = "done.json"
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    name: str
+    status: str  # "trained" | "skipped"
+    selection: dict[str, Any]
+    seconds: float
+
+
+def prepare_data(recipe: Recipe, s3: storage.S3Settings | None, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Corpus, tokenizer, packed shards and one mixture per stage (reused when already there)."""
+    from pipelines.prepare import PrepareConfig, prepare
+
+    data = recipe.data
+    config = PrepareConfig(
+        output_uri=recipe.data_uri(), demo=data.demo, corpus=data.corpus, sources=data.sources,
+        tokenizer_uri=data.tokenizer_uri, vocab_size=data.vocab_size, seq_len=data.seq_len,
+        sft_seq_len=data.sft_seq_len, stages={stage.name: stage.mixture for stage in recipe.stages},
+    )
+    return prepare(config, s3, progress=progress)
+
+
+def eval_suite(recipe: Recipe) -> Any:
+    from jobs.evals import EvalSuiteConfig, demo_eval_suite
+
+    if recipe.eval == "demo":
+        return demo_eval_suite()
+    return EvalSuiteConfig.model_validate(recipe.eval)
+
+
+def corpus_uri(recipe: Recipe) -> str:
+    return storage.join(recipe.data_uri(), "corpus")
+
+
+def read_done(recipe: Recipe, name: str, s3: storage.S3Settings | None) -> dict[str, Any] | None:
+    uri = storage.join(recipe.stage_uri(name), DONE_RECORD)
+    if not storage.exists(uri, s3):
+        return None
+    record = storage.read_json(uri, s3)
+    return record if record.get("fingerprint") == recipe.fingerprint(name) else None
+
+
+def read_selection(recipe: Recipe, name: str, s3: storage.S3Settings | None) -> dict[str, Any]:
+    uri = storage.join(recipe.stage_uri(name), ckpt.SELECTION_RECORD)
+    if not storage.exists(uri, s3):
+        raise ValueError(f"stage {name!r} has no selection record at {uri}: run that stage first")
+    return storage.read_json(uri, s3)
+
+
+def score_and_select(recipe: Recipe, name: str, s3: storage.S3Settings | None) -> dict[str, Any]:
+    """Score every complete checkpoint of the stage, apply its rule, write selection.json."""
+    from jobs.evals import evaluate_checkpoints_ray
+    from jobs.selection import select_checkpoint, selection_record
+
+    checkpoints = ckpt.list_checkpoints(recipe.stage_uri(name), s3)
+    if not checkpoints:
+        raise RuntimeError(f"stage {name!r} finished without a complete checkpoint under {recipe.stage_uri(name)}")
+    records = evaluate_checkpoints_ray(checkpoints, eval_suite(recipe), corpus_uri(recipe), s3)
+    decision = select_checkpoint(records, recipe.selection_rule(name))
+    record = selection_record(decision)
+    storage.write_json(storage.join(recipe.stage_uri(name), ckpt.SELECTION_RECORD), record, s3)
+    return record
+
+
+def run_one_stage(recipe: Recipe, name: str, prepared: dict[str, Any], s3: storage.S3Settings | None) -> dict[str, Any]:
+    from jobs.train import run_stage
+
+    stage = recipe.stage(name)
+    init_uri = None
+    if stage.init_from is not None:
+        init_uri = storage.join(read_selection(recipe, stage.init_from.stage, s3)["checkpoint_uri"], "hf")
+    config = recipe.stage_config(
+        name, data_uri=storage.join(recipe.data_uri(), "stages", name), output_uri=recipe.stage_uri(name),
+        tokenizer_uri=prepared["tokenizer_uri"], init_from=init_uri,
+    )
+    storage.remove_tree(storage.join(recipe.stage_uri(name), ckpt.SELECTION_RECORD), s3)  # stale if retraining
+    run_stage(config, s3)
+    return score_and_select(recipe, name, s3)
+
+
+def run_recipe(recipe: Recipe, s3: storage.S3Settings | None = None, only_stage: str | None = None,
+               progress: Callable[[str], None] = print) -> list[StageOutcome]:
+    """Run the recipe's stages in order (or just ``only_stage``, whose inputs must be done)."""
+    if only_stage is not None:
+        recipe.stage(only_stage)  # a clear error for an unknown name
+    storage.write_json(storage.join(recipe.run_uri, "recipe.json"), recipe.model_dump(mode="json"), s3)
+    prepared = prepare_data(recipe, s3, progress)
+    outcomes = []
+    for stage in recipe.stages:
+        if only_stage is not None and stage.name != only_stage:
+            continue
+        started = time.perf_counter()
+        done = read_done(recipe, stage.name, s3)
+        if done is not None:
+            progress(f"[dag] {stage.name}: done earlier, skipped (selected {done['selection']['checkpoint_uri']})")
+            outcomes.append(StageOutcome(stage.name, "skipped", done["selection"], 0.0))
+            continue
+        progress(f"[dag] {stage.name}: training ({stage.kind})")
+        selection = run_one_stage(recipe, stage.name, prepared, s3)
+        progress(f"[dag] {stage.name}: selected {selection['checkpoint_uri']} ({selection['reason']})")
+        storage.write_json(storage.join(recipe.stage_uri(stage.name), DONE_RECORD), {
+            "stage": stage.name, "fingerprint": recipe.fingerprint(stage.name), "selection": selection,
+            "finished_at": time.time(),
+        }, s3)
+        outcomes.append(StageOutcome(stage.name, "trained", selection, time.perf_counter() - started))
+    return outcomes
+
+
+def run_status(recipe: Recipe, s3: storage.S3Settings | None = None) -> list[dict[str, Any]]:
+    """Per stage: state, checkpoints with their eval averages, and the selection (for `llada status`)."""
+    rows = []
+    for stage in recipe.stages:
+        stage_uri = recipe.stage_uri(stage.name)
+        checkpoints = []
+        for info in ckpt.list_checkpoints(stage_uri, s3, include_incomplete=True):
+            scores_uri = storage.join(info.uri, "scores.json")
+            scores = storage.read_json(scores_uri, s3) if storage.exists(scores_uri, s3) else None
+            checkpoints.append({"step": info.step, "uri": info.uri, "complete": bool(info.record),
+                                "eval_average": scores.get("average") if scores else None})
+        selection_uri = storage.join(stage_uri, ckpt.SELECTION_RECORD)
+        selection = storage.read_json(selection_uri, s3) if storage.exists(selection_uri, s3) else None
+        done = read_done(recipe, stage.name, s3)
+        state = "done" if done else ("in progress" if checkpoints else "not started")
+        rows.append({"stage": stage.name, "kind": stage.kind, "state": state, "checkpoints": checkpoints,
+                     "selected_checkpoint_uri": selection["checkpoint_uri"] if selection else None,
+                     "selection_rule": recipe.selection_rule(stage.name), "selection": selection})
+    return rows

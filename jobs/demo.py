@@ -1,0 +1,145 @@
+"""`llada demo`: the paper's five stages on the tiny model with local Ray and local storage,
+then generations from the selected SFT checkpoint, a score table and a small report."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import time
+from typing import Any
+
+from jobs.dag import corpus_uri, run_recipe, run_status
+from jobs.recipe import Recipe
+from jobs.train import read_history
+from pipelines import storage
+
+
+def sample_answers(checkpoint_uri: str, prompts: list[str], chat: bool = True, gen_length: int = 32,
+                   block_length: int = 32, steps: int = 32, temperature: float = 0.0,
+                   s3: storage.S3Settings | None = None) -> list[str]:
+    """Generate an answer per prompt from an HF-layout checkpoint (with its tokenizer)."""
+    import torch
+
+    from llada_core import generate, load_model
+    from llada_core.tokens import format_chat
+    from pipelines.tokenizer import load_tokenizer, special_token_ids
+
+    with tempfile.TemporaryDirectory() as local:
+        folder = storage.download_dir(checkpoint_uri, local, s3) if storage.is_remote(checkpoint_uri) else checkpoint_uri
+        model = load_model(folder, dtype=torch.float32).eval()
+        tokenizer = load_tokenizer(folder)
+    ids = special_token_ids(tokenizer)
+    texts = [format_chat([{"role": "user", "content": p}]) if chat else p for p in prompts]
+    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    width = max(len(e) for e in encoded)
+    prompt = torch.full((len(encoded), width), ids.eos, dtype=torch.long)
+    mask = torch.zeros_like(prompt)
+    for row, tokens in enumerate(encoded):  # left padding: each row equals the prompt alone
+        prompt[row, width - len(tokens):] = torch.tensor(tokens)
+        mask[row, width - len(tokens):] = 1
+    out = generate(model, prompt, attention_mask=mask, steps=steps, gen_length=gen_length,
+                   block_length=block_length, temperature=temperature, eot_id=ids.role_end)
+    answers = []
+    for row in out[:, width:].tolist():
+        for stop in (ids.role_end, ids.eos):
+            row = row[: row.index(stop)] if stop in row else row
+        answers.append(tokenizer.decode(row).strip())
+    return answers
+
+
+def demo_prompts(recipe: Recipe, count: int = 4, s3: storage.S3Settings | None = None) -> list[dict[str, str]]:
+    """A few held-out questions with their answers, from the demo eval sets."""
+    rows = []
+    for task in ("gen_arithmetic", "gen_counting"):
+        uri = storage.join(corpus_uri(recipe), "eval", f"{task}.jsonl")
+        items = [json.loads(line) for line in storage.read_text(uri, s3).splitlines()[: count // 2]]
+        rows += [{"question": item["messages"][-1]["content"], "expected": item["chat_answer"]} for item in items]
+    return rows
+
+
+def write_report(recipe: Recipe, rows: list[dict[str, Any]], samples: list[dict[str, str]],
+                 seconds: float, s3: storage.S3Settings | None) -> str:
+    """report/report.md with the stage table and samples, plus two PNG plots."""
+    report_uri = storage.join(recipe.run_uri, "report")
+    storage.write_bytes(storage.join(report_uri, "loss_per_stage.png"), _loss_plot(recipe, s3), s3)
+    storage.write_bytes(storage.join(report_uri, "eval_average.png"), _eval_plot(rows), s3)
+    lines = [f"# {recipe.run_id}", "", f"Finished in {seconds / 60:.1f} minutes.", "",
+             "| stage | checkpoint step | eval average | selected |", "|---|---|---|---|"]
+    for row in rows:
+        for c in row["checkpoints"]:
+            chosen = "yes" if row["selected_checkpoint_uri"] == c["uri"] else ""
+            average = f"{c['eval_average']:.4f}" if c["eval_average"] is not None else "-"
+            lines.append(f"| {row['stage']} | {c['step']} | {average} | {chosen} |")
+    lines += ["", "## Samples from the selected SFT checkpoint", ""]
+    lines += [f"- **{s['question']}** -> `{s['answer']}` (expected `{s['expected']}`)" for s in samples]
+    lines += ["", "![loss](loss_per_stage.png)", "![eval](eval_average.png)", ""]
+    storage.write_text(storage.join(report_uri, "report.md"), "\n".join(lines), s3)
+    return report_uri
+
+
+def _png(figure: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _loss_plot(recipe: Recipe, s3: storage.S3Settings | None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 3.5))
+    offset = 0
+    for stage in recipe.stages:
+        rows = [r for r in read_history(recipe.stage_uri(stage.name), s3) if "loss" in r]
+        axis.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=stage.name)
+        offset += rows[-1]["step"] if rows else 0
+    axis.set(xlabel="optimizer step (stages back to back)", ylabel="training loss", title="loss per stage")
+    axis.legend()
+    return _png(figure)
+
+
+def _eval_plot(rows: list[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 3.5))
+    labels, values = [], []
+    for row in rows:
+        for c in row["checkpoints"]:
+            if c["eval_average"] is not None:
+                labels.append(f"{row['stage']}\n{c['step']}")
+                values.append(c["eval_average"])
+    axis.bar(range(len(values)), values)
+    axis.set_xticks(range(len(values)), labels, fontsize=7)
+    axis.set(ylabel="eval average", title="eval average per checkpoint")
+    return _png(figure)
+
+
+def run_demo_pipeline(recipe: Recipe, s3: storage.S3Settings | None = None) -> dict[str, Any]:
+    from jobs.commands import status_table
+
+    started = time.perf_counter()
+    run_recipe(recipe, s3, progress=lambda line: print(line, flush=True))
+    rows = run_status(recipe, s3)
+    final = rows[-1]["selected_checkpoint_uri"]
+    prompts = demo_prompts(recipe, s3=s3)
+    answers = sample_answers(storage.join(final, "hf"), [p["question"] for p in prompts], s3=s3)
+    samples = [{**p, "answer": a} for p, a in zip(prompts, answers)]
+    seconds = time.perf_counter() - started
+    report_uri = write_report(recipe, rows, samples, seconds, s3)
+    print()
+    print(status_table(rows))
+    print()
+    for sample in samples:
+        print(f"> {sample['question']}\n  {sample['answer']}   (expected: {sample['expected']})")
+    print(f"\ndemo finished in {seconds / 60:.1f} min; report: {storage.join(report_uri, 'report.md')}")
+    return {"rows": rows, "samples": samples, "seconds": seconds, "report_uri": report_uri}

@@ -1,0 +1,201 @@
+"""The recipe: one YAML file describing a whole run (data, model, the paper's stages, evals,
+scaling, serving), validated by a strict schema, with ``--set key=value`` overrides.
+
+Layout of a run in storage (``{storage_uri}/{run_id}``):
+
+    recipe.json                the resolved recipe
+    data/                      corpus, tokenizer, packed shards, one folder per stage's mixture
+    stages/{name}/             StageConfig.output_uri: checkpoints, metrics, selection.json, done.json
+    report/                    the demo's report
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from jobs.stage_config import ModelSpec, OptimizerSpec, ScalingSpec, ScheduleSpec, StageConfig, Strict
+from pipelines import storage
+from pipelines.corpus import CorpusSpec
+from pipelines.mixture import MixtureSpec
+from pipelines.sources import SourceSpec
+
+SelectionRule = Literal["best_eval_average", "last"]
+
+
+class DataSpec(Strict):
+    """What ``llada data prepare`` builds for the run (see pipelines.prepare.PrepareConfig)."""
+
+    demo: bool = True
+    corpus: CorpusSpec = CorpusSpec()
+    sources: list[SourceSpec] = Field(default_factory=list)
+    tokenizer_uri: str | None = None
+    vocab_size: int = Field(4096, ge=300)
+    seq_len: int = Field(256, ge=8)
+    sft_seq_len: int = Field(256, ge=8)
+
+
+class InitFrom(Strict):
+    stage: str
+    rule: SelectionRule
+
+
+class RecipeStage(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["pretrain", "anneal", "sft"]
+    mixture: MixtureSpec
+    num_steps: int | None = Field(None, ge=1)  # default: one pass over the mixture's tokens
+    micro_batch_size: int = Field(ge=1)
+    grad_accumulation_steps: int = Field(1, ge=1)
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec = ScheduleSpec()
+    rope_theta: float | None = Field(None, gt=0)
+    max_position_embeddings: int | None = Field(None, ge=8)
+    max_seq_len: int | None = Field(None, ge=8)
+    variable_length_prob: float = Field(0.01, ge=0, le=1)
+    init_from: InitFrom | None = None
+    checkpoint_every: int = Field(ge=1)
+    keep_last: int = Field(3, ge=1)
+    scaling: ScalingSpec | None = None  # default: the recipe's
+
+
+class Recipe(Strict):
+    run_id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_uri: str
+    model: ModelSpec
+    data: DataSpec = DataSpec()
+    stages: list[RecipeStage] = Field(min_length=1)
+    eval: dict[str, Any] | Literal["demo"] = "demo"  # an EvalSuiteConfig, or the built-in demo suite
+    final_selection: SelectionRule = "best_eval_average"  # for the last stage (what serving loads)
+    scaling: ScalingSpec = ScalingSpec()
+    serve: dict[str, Any] | None = None  # a serve config (serve/config.py), used by `llada serve`
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        names = [stage.name for stage in self.stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stages: duplicate stage names {duplicates}")
+        for index, stage in enumerate(self.stages):
+            if stage.init_from and stage.init_from.stage not in names[:index]:
+                raise ValueError(
+                    f"stages.{index}.init_from.stage: {stage.init_from.stage!r} is not an earlier stage "
+                    f"(earlier: {names[:index]})")
+            try:
+                self.stage_config(stage.name, data_uri="-", output_uri="-")
+            except ValueError as error:
+                raise ValueError(f"stages.{index} ({stage.name}): {error}") from None
+        return self
+
+    @property
+    def run_uri(self) -> str:
+        return storage.join(self.storage_uri, self.run_id)
+
+    def stage_uri(self, name: str) -> str:
+        return storage.join(self.run_uri, "stages", name)
+
+    def data_uri(self) -> str:
+        return storage.join(self.run_uri, "data")
+
+    def stage(self, name: str) -> RecipeStage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ValueError(f"stage: no stage named {name!r} in the recipe (stages: {[s.name for s in self.stages]})")
+
+    def selection_rule(self, name: str) -> SelectionRule:
+        """How the stage's checkpoint is chosen: the rule of the stage that starts from it, or
+        ``final_selection`` for a stage no other stage starts from."""
+        rules = {s.init_from.rule for s in self.stages if s.init_from and s.init_from.stage == name}
+        if len(rules) > 1:
+            raise ValueError(f"stages: stages starting from {name!r} ask for different rules {sorted(rules)}")
+        return rules.pop() if rules else self.final_selection
+
+    def stage_config(self, name: str, data_uri: str, output_uri: str, tokenizer_uri: str | None = None,
+                     init_from: str | None = None) -> StageConfig:
+        stage = self.stage(name)
+        scaling = stage.scaling or self.scaling
+        seq_len = self.data.sft_seq_len if stage.kind == "sft" else self.data.seq_len
+        tokens_per_step = stage.micro_batch_size * stage.grad_accumulation_steps * scaling.num_workers * seq_len
+        num_steps = stage.num_steps or max(1, stage.mixture.token_budget // tokens_per_step)
+        return StageConfig(
+            name=stage.name, kind=stage.kind, model=self.model, data_uri=data_uri, output_uri=output_uri,
+            tokenizer_uri=tokenizer_uri, init_from=init_from, num_steps=num_steps,
+            micro_batch_size=stage.micro_batch_size, grad_accumulation_steps=stage.grad_accumulation_steps,
+            max_seq_len=stage.max_seq_len, rope_theta=stage.rope_theta,
+            max_position_embeddings=stage.max_position_embeddings, variable_length_prob=stage.variable_length_prob,
+            optimizer=stage.optimizer, schedule=stage.schedule, scaling=scaling,
+            checkpoint_every=min(stage.checkpoint_every, num_steps), keep_last=stage.keep_last,
+            seed=self.seed + 1000 * [s.name for s in self.stages].index(name),
+        )
+
+    def fingerprint(self, name: str) -> str:
+        """Hash of everything that determines a stage's result (to tell a finished stage from a
+        changed one on rerun)."""
+        stage = self.stage(name)
+        upstream = [self.fingerprint(stage.init_from.stage)] if stage.init_from else []
+        identity = {"stage": stage.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
+                    "data": self.data.model_dump(mode="json"), "scaling": self.scaling.model_dump(mode="json"),
+                    "seed": self.seed, "upstream": upstream}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """``--set a.b=value``: dotted paths into the YAML; list items by index or, for stages, by name
+    (``stages.sft.num_steps=10``). Values are parsed as YAML (numbers, booleans, lists)."""
+    result = copy.deepcopy(raw)
+    for assignment in assignments:
+        path, separator, text = assignment.partition("=")
+        if not separator or not path:
+            raise ValueError(f"--set: expected KEY=VALUE, got {assignment!r}")
+        *parents, leaf = path.split(".")
+        node: Any = result
+        for depth, key in enumerate(parents):
+            node = _child(node, key, ".".join(parents[: depth + 1]))
+        if isinstance(node, list):
+            node[_list_index(node, leaf, path)] = yaml.safe_load(text)
+        elif isinstance(node, dict):
+            node[leaf] = yaml.safe_load(text)
+        else:
+            raise ValueError(f"--set {path}: {'.'.join(parents)} is not a mapping or list")
+    return result
+
+
+def _list_index(node: list, key: str, path: str) -> int:
+    if key.isdigit() and int(key) < len(node):
+        return int(key)
+    for index, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == key:
+            return index
+    raise ValueError(f"--set {path}: no item {key!r}")
+
+
+def _child(node: Any, key: str, path: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, key, path)]
+    if isinstance(node, dict):
+        if key not in node:
+            node[key] = {}
+        return node[key]
+    raise ValueError(f"--set {path}: not a mapping or list")
+
+
+def load_recipe(path_or_uri: str, overrides: list[str] | None = None, s3: storage.S3Settings | None = None) -> Recipe:
+    """Read a recipe YAML (path or URI), apply ``--set`` overrides, validate."""
+    try:
+        text = storage.read_text(path_or_uri, s3)
+    except Exception as error:
+        raise ValueError(f"recipe {path_or_uri}: cannot read it ({error})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"recipe {path_or_uri}: not valid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe {path_or_uri}: expected a mapping at the top level")
+    return Recipe.model_validate(apply_overrides(raw, overrides or []))

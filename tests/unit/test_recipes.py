@@ -1,0 +1,106 @@
+"""Every shipped recipe validates; overrides and bad recipes behave as users expect."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cli import main
+from jobs.recipe import Recipe, apply_overrides, load_recipe
+from jobs.submit import entrypoint
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "jobs" / "recipes").glob("*.yaml"))
+
+
+def test_the_two_recipes_of_the_issue_are_shipped():
+    assert {p.name for p in RECIPES} >= {"tiny-cpu.yaml", "llada-moe-7b-a1b.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_and_starts_with_its_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Run: llada "), f"{path.name} must start with the command that runs it"
+    recipe = load_recipe(str(path))
+    assert [s.kind for s in recipe.stages] == ["pretrain", "pretrain", "anneal", "anneal", "sft"]
+    for stage in recipe.stages:
+        recipe.stage_config(stage.name, data_uri="d", output_uri="o")
+
+
+def test_the_full_scale_recipe_follows_the_paper():
+    recipe = load_recipe(str(next(p for p in RECIPES if p.name == "llada-moe-7b-a1b.yaml")))
+    budgets = [s.mixture.token_budget for s in recipe.stages[:4]]
+    assert budgets == [10 * 10**12, 10 * 10**12, 500 * 10**9, 500 * 10**9]
+    anneal2 = recipe.stage("anneal2")
+    assert (anneal2.rope_theta, anneal2.max_position_embeddings) == (50_000.0, 8192)
+    config = recipe.stage_config("pretrain1", "d", "o").model_config_resolved()
+    assert (config.num_experts, config.num_experts_per_tok, config.rope_theta) == (64, 8, 10_000.0)
+    assert recipe.stage("anneal1").init_from.rule == "best_eval_average"
+    assert recipe.selection_rule("pretrain2") == "best_eval_average" and recipe.selection_rule("anneal1") == "last"
+    assert recipe.scaling.use_gpu
+
+
+def test_overrides_by_dotted_path_and_stage_name():
+    raw = {"run_id": "r", "stages": [{"name": "a", "num_steps": 1}, {"name": "b"}], "model": {"preset": "tiny"}}
+    out = apply_overrides(raw, ["stages.b.num_steps=7", "stages.0.num_steps=3", "model.overrides.num_experts=8",
+                                "run_id=other"])
+    assert out["stages"][1]["num_steps"] == 7 and out["stages"][0]["num_steps"] == 3
+    assert out["model"]["overrides"] == {"num_experts": 8} and out["run_id"] == "other"
+    assert raw["stages"][1] == {"name": "b"}  # the input is not modified
+    with pytest.raises(ValueError, match="no item 'zzz'"):
+        apply_overrides(raw, ["stages.zzz.num_steps=1"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        apply_overrides(raw, ["stages"])
+
+
+def tiny_raw():
+    return yaml.safe_load(next(p for p in RECIPES if p.name == "tiny-cpu.yaml").read_text())
+
+
+def test_bad_recipes_name_the_field():
+    raw = tiny_raw()
+    raw["stages"][1]["init_from"] = {"stage": "sft", "rule": "last"}
+    with pytest.raises(ValueError, match=r"stages.1.init_from.stage"):
+        Recipe.model_validate(raw)
+    raw = tiny_raw()
+    raw["stages"][2]["name"] = "pretrain1"
+    with pytest.raises(ValueError, match="duplicate stage names"):
+        Recipe.model_validate(raw)
+    raw = tiny_raw()
+    raw["stages"][0]["mixture"]["weights"] = {"text": -1.0}
+    with pytest.raises(ValueError, match="weights.text"):
+        Recipe.model_validate(raw)
+
+
+def test_cli_exits_non_zero_naming_the_field_path(capsys, tmp_path):
+    path = next(p for p in RECIPES if p.name == "tiny-cpu.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["status", str(path), "--set", "stages.sft.micro_batch_size=0"])
+    assert exit_info.value.code == 2
+    assert "stages.4.micro_batch_size" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run_id: [unclosed\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["status", str(broken)])
+    assert exit_info.value.code == 2 and "not valid YAML" in capsys.readouterr().err
+
+
+def test_status_json_on_a_fresh_run(capsys, tmp_path):
+    path = next(p for p in RECIPES if p.name == "tiny-cpu.yaml")
+    assert main(["status", str(path), "--set", f"storage_uri={tmp_path}", "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert [s["stage"] for s in report["stages"]] == ["pretrain1", "pretrain2", "anneal1", "anneal2", "sft"]
+    assert all(s["state"] == "not started" and s["selected_checkpoint_uri"] is None for s in report["stages"])
+
+
+def test_submit_entrypoint_uses_the_given_interpreter():
+    command = entrypoint("jobs/recipes/tiny-cpu.yaml", "sft", ["a.b=1"], "/opt/py/bin/python")
+    assert command == "/opt/py/bin/python -m jobs.cli run jobs/recipes/tiny-cpu.yaml --stage sft --set a.b=1"
+
+
+@pytest.mark.parametrize("command", ["data", "run", "train", "status", "eval", "generate", "submit", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "usage: llada" in capsys.readouterr().out
