@@ -1,0 +1,409 @@
+"""Eval tasks: the suite's config, its data files, and how each task kind is scored.
+
+Three kinds (DESIGN.md, "Selection by eval averages"):
+
+| kind | item (one JSON object per line) | raw metric | normalised score in [0, 1] |
+|---|---|---|---|
+| ``generation`` | ``prompt``, ``answer``, optional ``stop``; for ``chat: true`` also ``messages``, ``chat_answer`` | exact match (fraction) | the same |
+| ``choice`` | ``prompt``, ``choices``, ``answer_index`` | accuracy, lowest Monte Carlo ELBO wins | the same |
+| ``elbo`` | ``text`` (or ``prompt`` + ``answer``) | bits per token of the ELBO bound (lower is better) | ``2 ** -bits_per_token`` |
+
+``2 ** -bits_per_token`` is the geometric mean, over the task's tokens, of the per-token
+probability bound that the ELBO gives (LLADA_SPEC section 7): a model that puts all its mass on
+the right tokens scores 1, a uniform model over V tokens scores 1/V. It keeps every task in
+[0, 1] with higher = better, so the suite's average is a plain unweighted mean of task scores.
+
+Exact match (:func:`normalise_answer`): the generated tokens are cut at the first EOS or
+end-of-turn token, decoded (special tokens kept, ids past the tokenizer's vocabulary shown as
+U+FFFD, so neither can pass as a right answer), cut at the first of the item's ``stop`` strings
+(raw prompts only), and stripped of surrounding whitespace; the reference answer is stripped too.
+The comparison is then exact: case, inner spaces and punctuation count.
+
+The demo corpus (``pipelines.demo_eval``) writes its held-out sets as
+``<corpus>/eval/<task>.jsonl``; a task names one as ``source: "demo:<task>"``, resolved against
+the corpus URI given at evaluation time. Any other source is a JSONL URI (path, file://, s3://).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Sequence, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from llada_core import choose, elbo_nll, generate
+from llada_core.tokens import format_chat
+from pipelines import storage
+from pipelines.demo_eval import EVAL_TASKS
+from pipelines.tokenizer import SpecialTokenIds
+
+DEMO_PREFIX = "demo:"
+# The config kind each demo eval set fits, by its name's prefix.
+_DEMO_KIND_BY_PREFIX = {"gen_": "generation", "choice_": "choice", "heldout_": "elbo"}
+REPLACEMENT_CHAR = "\ufffd"
+NUM_EXAMPLES = 3  # generation predictions kept in the score record, for reading
+
+
+class EvalError(ValueError):
+    """A user's eval input is unusable (a missing source, a malformed item); the message names it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _TaskBase(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="unique within the suite; the key of this task's scores")
+    source: str = Field(min_length=1, description="a JSONL URI, or 'demo:<task>' for a demo corpus eval set")
+    max_items: int | None = Field(None, ge=1, description="use the first N items of the source (all when unset)")
+
+    @model_validator(mode="after")
+    def _check_demo_source(self) -> "_TaskBase":
+        if not self.source.startswith(DEMO_PREFIX):
+            return self
+        demo_task = self.source[len(DEMO_PREFIX):]
+        if demo_task not in EVAL_TASKS:
+            raise ValueError(f"source: unknown demo eval set {demo_task!r}; choose one of {list(EVAL_TASKS)}")
+        fits = next(kind for prefix, kind in _DEMO_KIND_BY_PREFIX.items() if demo_task.startswith(prefix))
+        if fits != self.kind:  # type: ignore[attr-defined]
+            raise ValueError(f"source: demo eval set {demo_task!r} holds {fits} items, "
+                             f"not {self.kind!r} ones")  # type: ignore[attr-defined]
+        return self
+
+
+class GenerationTask(_TaskBase):
+    """Sample an answer for each prompt (llada_core.generate) and score it by exact match."""
+
+    kind: Literal["generation"]
+    gen_length: int = Field(ge=1, description="answer tokens sampled per prompt")
+    steps: int = Field(ge=1, description="sampling steps in total (unused when threshold is set)")
+    block_length: int | None = Field(None, ge=1, description="semi-autoregressive block; default gen_length")
+    temperature: float = Field(0.0, ge=0, description="0 is greedy")
+    chat: bool = Field(False, description="wrap each prompt in the chat template (item 'messages' when present, "
+                                          "else the prompt as one user turn) and compare with 'chat_answer' when present")
+    batch_size: int = Field(16, ge=1, description="prompts per generate() call (left-padded)")
+    threshold: float | None = Field(None, gt=0, le=1, description="confidence-threshold decoding; unset = fixed schedule")
+    cache: Literal["prefix", "dual"] | None = Field(None, description="KV cache mode; unset = none")
+    early_stop: bool | None = Field(None, description="stop a row after its EOS; unset = generate()'s default")
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "GenerationTask":
+        block_length = self.block_length or self.gen_length
+        if self.gen_length % block_length:
+            raise ValueError(f"block_length: {block_length} must divide gen_length={self.gen_length}")
+        num_blocks = self.gen_length // block_length
+        if self.threshold is None and self.steps % num_blocks:
+            raise ValueError(f"steps: {self.steps} must be a multiple of the number of blocks ({num_blocks})")
+        if self.threshold is None and self.steps > self.gen_length:
+            raise ValueError(f"steps: {self.steps} exceeds gen_length={self.gen_length}")
+        return self
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``llada_core.generate``; the fast options only when set."""
+        kwargs: dict[str, Any] = {"steps": self.steps, "gen_length": self.gen_length,
+                                  "block_length": self.block_length or self.gen_length,
+                                  "temperature": self.temperature}
+        for name in ("threshold", "cache", "early_stop"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return kwargs
+
+
+class _MonteCarloTask(_TaskBase):
+    num_mc_samples: int = Field(ge=1, description="Monte Carlo samples of the ELBO per answer (paper: 128)")
+    mc_batch_size: int | None = Field(None, ge=1, description="samples per forward; default num_mc_samples")
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> "_MonteCarloTask":
+        if self.num_mc_samples % self.samples_per_forward:
+            raise ValueError(f"num_mc_samples: {self.num_mc_samples} must be a multiple of "
+                             f"mc_batch_size={self.samples_per_forward}")
+        return self
+
+    @property
+    def samples_per_forward(self) -> int:
+        return self.mc_batch_size or self.num_mc_samples
+
+
+class ChoiceTask(_MonteCarloTask):
+    """Multiple choice: the choice with the lowest Monte Carlo ELBO (llada_core.choose) is the answer."""
+
+    kind: Literal["choice"]
+
+
+class ElboTask(_MonteCarloTask):
+    """Held-out text: the Monte Carlo ELBO bound in bits per token."""
+
+    kind: Literal["elbo"]
+
+
+EvalTask = Annotated[Union[GenerationTask, ChoiceTask, ElboTask], Field(discriminator="kind")]
+
+
+class EvalSuiteConfig(_Strict):
+    """The eval suite run on every checkpoint; its average selects checkpoints."""
+
+    tasks: list[EvalTask] = Field(min_length=1, description="scored in this order; the average weighs them equally")
+    seed: int = Field(0, description="seeds every task's sampling and Monte Carlo draws (per task, by its name)")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "EvalSuiteConfig":
+        first: dict[str, int] = {}
+        for index, task in enumerate(self.tasks):
+            if task.name in first:
+                raise ValueError(f"tasks[{index}].name: {task.name!r} is already the name of tasks[{first[task.name]}]")
+            first[task.name] = index
+        return self
+
+
+# --------------------------------------------------------------------------- sources and items
+
+
+def resolve_source(source: str, corpus_uri: str | None) -> str:
+    """``demo:<task>`` -> ``<corpus_uri>/eval/<task>.jsonl``; anything else is already a URI."""
+    if not source.startswith(DEMO_PREFIX):
+        return source
+    if not corpus_uri:
+        raise EvalError(f"source {source!r}: a demo eval set needs the corpus URI (corpus_uri=...) it was written to")
+    return storage.join(corpus_uri, "eval", f"{source[len(DEMO_PREFIX):]}.jsonl")
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    prompt: str  # the text fed to the model (chat-wrapped when the task says so)
+    answer: str
+    stops: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    prompt: str
+    choices: tuple[str, ...]
+    answer_index: int
+
+
+@dataclass(frozen=True)
+class ElboItem:
+    prompt: str  # empty for plain held-out text
+    answer: str
+
+
+Item = Union[GenerationItem, ChoiceItem, ElboItem]
+
+
+def load_items(task: GenerationTask | ChoiceTask | ElboTask, uri: str,
+               s3: storage.S3Settings | None = None) -> list[Item]:
+    """The first ``max_items`` items of a JSONL source, checked for the task's kind."""
+    if not storage.exists(uri, s3):
+        raise EvalError(f"task {task.name!r}: source {uri} does not exist")
+    items: list[Item] = []
+    for number, line in enumerate(storage.read_text(uri, s3).splitlines(), start=1):
+        if task.max_items is not None and len(items) >= task.max_items:
+            break
+        if not line.strip():
+            continue
+        where = f"task {task.name!r}: {uri} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EvalError(f"{where}: not JSON ({error})") from error
+        if not isinstance(record, dict):
+            raise EvalError(f"{where}: expected a JSON object")
+        try:
+            items.append(_parse_item(task, record))
+        except EvalError as error:
+            raise EvalError(f"{where}: {error}") from None
+    if not items:
+        raise EvalError(f"task {task.name!r}: source {uri} has no items")
+    return items
+
+
+def _text(record: dict[str, Any], field: str, allow_empty: bool = False) -> str:
+    value = record.get(field)
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise EvalError(f"field {field!r}: expected a {'' if allow_empty else 'non-empty '}string, got {value!r}")
+    return value
+
+
+def _parse_item(task: GenerationTask | ChoiceTask | ElboTask, record: dict[str, Any]) -> Item:
+    if isinstance(task, GenerationTask):
+        return generation_item(record, task.chat)
+    if isinstance(task, ChoiceTask):
+        choices = record.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise EvalError(f"field 'choices': expected a list of at least 2 strings, got {choices!r}")
+        for index in range(len(choices)):
+            _text({"choice": choices[index]}, "choice")
+        answer_index = record.get("answer_index")
+        if isinstance(answer_index, bool) or not isinstance(answer_index, int) or not 0 <= answer_index < len(choices):
+            raise EvalError(f"field 'answer_index': expected an int in [0, {len(choices)}), got {answer_index!r}")
+        return ChoiceItem(_text(record, "prompt", allow_empty=True), tuple(choices), answer_index)
+    if "text" in record:
+        return ElboItem("", _text(record, "text"))
+    return ElboItem(_text(record, "prompt", allow_empty=True), _text(record, "answer"))
+
+
+def generation_item(record: dict[str, Any], chat: bool) -> GenerationItem:
+    """Raw: the prompt as is, the item's stop strings. Chat: the chat template around
+    ``messages`` (or the prompt as one user turn), ``chat_answer`` when present, no stop strings
+    (the reply ends at end-of-turn / EOS)."""
+    if not chat:
+        stops = record.get("stop", [])
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise EvalError(f"field 'stop': expected a list of non-empty strings, got {stops!r}")
+        return GenerationItem(_text(record, "prompt"), _text(record, "answer"), tuple(stops))
+    messages = record.get("messages")
+    if messages is None:
+        messages = [{"role": "user", "content": _text(record, "prompt")}]
+    if not isinstance(messages, list) or not messages:
+        raise EvalError(f"field 'messages': expected a non-empty list of chat messages, got {messages!r}")
+    try:
+        prompt = format_chat(messages)
+    except (ValueError, AttributeError) as error:
+        raise EvalError(f"field 'messages': {error}") from None
+    answer = _text(record, "chat_answer" if "chat_answer" in record else "answer")
+    return GenerationItem(prompt, answer, ())
+
+
+def task_seed(suite_seed: int, task_name: str) -> int:
+    """The seed of one task's generator: from the suite seed and the task's name, so a task's
+    numbers do not depend on which other tasks the suite has."""
+    digest = hashlib.sha256(f"{suite_seed}:{task_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def normalise_answer(text: str, stops: Sequence[str] = ()) -> str:
+    """Cut ``text`` at the earliest of the stop strings, then strip surrounding whitespace."""
+    cut = min((index for index in (text.find(stop) for stop in stops) if index >= 0), default=len(text))
+    return text[:cut].strip()
+
+
+def is_exact_match(prediction: str, answer: str, stops: Sequence[str] = ()) -> bool:
+    return normalise_answer(prediction, stops) == answer.strip()
+
+
+def normalised_score(metric: str, value: float) -> float:
+    """A raw task metric -> [0, 1], higher = better (module docstring)."""
+    if metric in ("exact_match", "accuracy"):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{metric}: {value} is not a fraction in [0, 1]")
+        return float(value)
+    if metric == "bits_per_token":
+        if not value >= 0.0:  # NaN fails too
+            raise ValueError(f"bits_per_token: {value} must be >= 0")
+        return 2.0 ** -value
+    raise ValueError(f"metric: unknown metric {metric!r}")
+
+
+def average_score(scores: Sequence[float]) -> float:
+    """The suite's average: the unweighted mean of the normalised task scores."""
+    if not scores:
+        raise ValueError("scores: no task scores to average")
+    return math.fsum(scores) / len(scores)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def decode_answer(tokenizer: Any, answer_ids: Sequence[int], stop_ids: Sequence[int]) -> str:
+    """Answer ids -> text: cut at the first stop id (EOS, end-of-turn); special tokens are kept
+    and ids outside the tokenizer become U+FFFD, so neither can pass as a right answer."""
+    ids = list(answer_ids)
+    cut = min((ids.index(stop) for stop in stop_ids if stop in ids), default=len(ids))
+    pieces, run = [], []
+    for token_id in ids[:cut]:
+        if 0 <= token_id < len(tokenizer):
+            run.append(token_id)
+            continue
+        pieces.append(tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        pieces.append(REPLACEMENT_CHAR)
+        run = []
+    pieces.append(tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+    return "".join(pieces)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def split_context(prompt: str, continuation: str) -> tuple[str, str]:
+    """Move the prompt's trailing whitespace onto the continuation (``"uma goes "``, ``"to"`` ->
+    ``"uma goes"``, ``" to"``): byte-level BPE attaches a space to the word after it, so this is
+    how the joined text is tokenised in training."""
+    stripped = prompt.rstrip()
+    return stripped, prompt[len(stripped):] + continuation
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def score_generation(model: nn.Module, tokenizer: Any, special: SpecialTokenIds, task: GenerationTask,
+                     items: Sequence[GenerationItem], generator: torch.Generator) -> dict[str, Any]:
+    """Exact match over ``items``, ``task.batch_size`` prompts per left-padded generate() call."""
+    device, num_correct, examples = _device_of(model), 0, []
+    for start in range(0, len(items), task.batch_size):
+        batch = items[start:start + task.batch_size]
+        prompts_P = [_encode(tokenizer, item.prompt) for item in batch]
+        width = max(len(ids) for ids in prompts_P)
+        prompt_BP = torch.tensor([[special.pad] * (width - len(ids)) + ids for ids in prompts_P], device=device)
+        padded = any(len(ids) < width for ids in prompts_P)
+        mask_BP = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts_P], device=device)
+        out_BL = generate(model, prompt_BP, attention_mask=mask_BP if padded else None, mask_id=special.mask,
+                          eos_id=special.eos, eot_id=special.role_end, generator=generator, **task.sampling_kwargs())
+        for item, answer_ids in zip(batch, out_BL[:, width:].tolist()):
+            prediction = decode_answer(tokenizer, answer_ids, (special.eos, special.role_end))
+            correct = is_exact_match(prediction, item.answer, item.stops)
+            num_correct += correct
+            if len(examples) < NUM_EXAMPLES:
+                examples.append({"prompt": item.prompt, "prediction": normalise_answer(prediction, item.stops),
+                                 "answer": item.answer.strip(), "correct": correct})
+    value = num_correct / len(items)
+    return {"metric": "exact_match", "value": value, "score": normalised_score("exact_match", value),
+            "num_items": len(items), "num_correct": num_correct, "examples": examples}
+
+
+@torch.inference_mode()
+def score_choice(model: nn.Module, tokenizer: Any, special: SpecialTokenIds, task: ChoiceTask,
+                 items: Sequence[ChoiceItem], generator: torch.Generator) -> dict[str, Any]:
+    """Accuracy: an item is right when its answer has the lowest Monte Carlo ELBO (choose)."""
+    num_correct = 0
+    for item in items:
+        contexts = [split_context(item.prompt, choice) for choice in item.choices]
+        prompt_ids = _encode(tokenizer, contexts[0][0])
+        choices_ids = [_encode(tokenizer, continuation) for _, continuation in contexts]
+        picked = choose(model, prompt_ids, choices_ids, num_samples=task.num_mc_samples,
+                        batch_size=task.samples_per_forward, mask_id=special.mask, generator=generator)
+        num_correct += picked == item.answer_index
+    value = num_correct / len(items)
+    return {"metric": "accuracy", "value": value, "score": normalised_score("accuracy", value),
+            "num_items": len(items), "num_correct": num_correct}
+
+
+@torch.inference_mode()
+def score_elbo(model: nn.Module, tokenizer: Any, special: SpecialTokenIds, task: ElboTask,
+               items: Sequence[ElboItem], generator: torch.Generator) -> dict[str, Any]:
+    """Bits per token: the summed ELBO bounds (nats) over the summed answer tokens, / ln 2."""
+    total_nats, num_tokens = 0.0, 0
+    for item in items:
+        prompt, answer = split_context(item.prompt, item.answer)
+        answer_ids = _encode(tokenizer, answer)
+        total_nats += elbo_nll(model, _encode(tokenizer, prompt), answer_ids, num_samples=task.num_mc_samples,
+                               batch_size=task.samples_per_forward, mask_id=special.mask, generator=generator)
+        num_tokens += len(answer_ids)
+    value = total_nats / num_tokens / math.log(2)
+    return {"metric": "bits_per_token", "value": value, "score": normalised_score("bits_per_token", value),
+            "num_items": len(items), "num_tokens": num_tokens, "nats": total_nats}
+
+
+SCORERS = {"generation": score_generation, "choice": score_choice, "elbo": score_elbo}
