@@ -30,5 +30,9 @@ test-gpu: setup
 bench: setup
 	$(PY) benchmarks/moe.py
 
+# The main job: the paper's five stages on the tiny model, locally (see README for figures).
+demo: setup
+	$(VENV)/bin/llada demo
+
 clean:
 	rm -rf $(VENV) .pytest_cache

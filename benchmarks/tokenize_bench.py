@@ -6,7 +6,7 @@ local Ray instance with ``--cpus`` CPUs (started and warmed up before timing, so
 not counted; task scheduling and result collection are). The single process is timed twice: with
 the HF tokenizers library's own Rust thread pool on (its default) and off.
 
-    .venv/bin/python benchmarks/tokenize.py --record    # prints JSON, appends to benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/tokenize_bench.py --record    # prints JSON, appends to benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def record(result: dict, path: Path) -> None:
         text = before + (after[following:] if following >= 0 else "")
     lines = [
         "", "## Tokenize", "",
-        f"`benchmarks/tokenize.py` on {result['machine']}: {result['files']} JSON-lines files, "
+        f"`benchmarks/tokenize_bench.py` on {result['machine']}: {result['files']} JSON-lines files, "
         f"{result['documents']} documents, {result['tokens']} tokens (demo corpus, demo BPE), seq_len {result['seq_len']}.",
         "",
         "| path | tokens/s | seconds |", "|---|---|---|",

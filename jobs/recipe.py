@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from jobs.stage_config import ModelSpec, OptimizerSpec, ScalingSpec, ScheduleSpec, StageConfig, Strict
+from jobs.stage_config import FaultInjection, ModelSpec, OptimizerSpec, ScalingSpec, ScheduleSpec, StageConfig, Strict
 from pipelines import storage
 from pipelines.corpus import CorpusSpec
 from pipelines.mixture import MixtureSpec
@@ -62,6 +62,7 @@ class RecipeStage(Strict):
     checkpoint_every: int = Field(ge=1)
     keep_last: int = Field(3, ge=1)
     scaling: ScalingSpec | None = None  # default: the recipe's
+    fault_injection: FaultInjection | None = None  # reliability testing only
 
 
 class Recipe(Strict):
@@ -133,6 +134,7 @@ class Recipe(Strict):
             optimizer=stage.optimizer, schedule=stage.schedule, scaling=scaling,
             checkpoint_every=min(stage.checkpoint_every, num_steps), keep_last=stage.keep_last,
             seed=self.seed + 1000 * [s.name for s in self.stages].index(name),
+            fault_injection=stage.fault_injection,
         )
 
     def fingerprint(self, name: str) -> str:

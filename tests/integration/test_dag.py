@@ -1,0 +1,79 @@
+"""The stage DAG on a local Ray cluster with tiny budgets: hand-off, selection, an interrupted
+stage that resumes, and a rerun that skips finished stages."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.dag import run_recipe, run_status
+from jobs.recipe import Recipe
+from jobs.train import read_history
+from pipelines import storage
+
+TINY_RECIPE = Path(__file__).resolve().parents[2] / "jobs" / "recipes" / "tiny-cpu.yaml"
+
+
+def small_recipe(storage_uri: str) -> Recipe:
+    raw = yaml.safe_load(TINY_RECIPE.read_text())
+    raw.update(run_id="dag-test", storage_uri=storage_uri)
+    raw["model"] = {"preset": "tiny", "overrides": {"hidden_size": 64, "num_hidden_layers": 2, "num_experts": 8,
+                                                     "num_experts_per_tok": 2, "expert_intermediate_size": 64}}
+    raw["data"].update(seq_len=64, sft_seq_len=64, vocab_size=1024,
+                       corpus={"num_text_docs": 200, "num_math_docs": 150, "num_code_docs": 100,
+                               "num_anneal_docs": 80, "num_sft_chats": 150, "num_eval_items": 16,
+                               "files_per_split": 1})
+    keep = {"pretrain1", "anneal1", "sft"}
+    raw["stages"] = [s for s in raw["stages"] if s["name"] in keep]
+    for stage in raw["stages"]:
+        stage.update(num_steps=4, checkpoint_every=2, keep_last=3, micro_batch_size=4)
+        stage["mixture"]["token_budget"] = 64 * 64
+        stage["schedule"] = {"kind": "constant"}
+    raw["stages"][1]["init_from"] = {"stage": "pretrain1", "rule": "last"}
+    raw["stages"][2]["init_from"] = {"stage": "anneal1", "rule": "best_eval_average"}
+    raw["stages"][2]["fault_injection"] = {"step": 3, "rank": 0}
+    raw["stages"][2]["scaling"] = {"num_workers": 1, "max_failures": 0}  # the crash ends the run
+    raw["eval"] = {"seed": 0, "tasks": [
+        {"name": "arith", "kind": "generation", "source": "demo:gen_arithmetic", "max_items": 4,
+         "gen_length": 8, "block_length": 8, "steps": 4, "chat": True},
+        {"name": "text", "kind": "elbo", "source": "demo:heldout_text", "max_items": 2, "num_mc_samples": 2,
+         "mc_batch_size": 2},
+    ]}
+    return Recipe.model_validate(raw)
+
+
+def test_dag_hands_off_selects_resumes_and_skips(ray_cluster, tmp_path):
+    recipe = small_recipe(str(tmp_path))
+    with pytest.raises(Exception, match="fault injection"):
+        run_recipe(recipe, progress=lambda line: None)  # sft crashes at step 3, no retries
+    states = {row["stage"]: row["state"] for row in run_status(recipe)}
+    assert states == {"pretrain1": "done", "anneal1": "done", "sft": "in progress"}
+
+    outcomes = run_recipe(recipe, progress=lambda line: None)  # the interrupted stage resumes
+    assert [(o.name, o.status) for o in outcomes] == [("pretrain1", "skipped"), ("anneal1", "skipped"), ("sft", "trained")]
+    sft_history = read_history(recipe.stage_uri("sft"))
+    assert [row["resumed_from"] for row in sft_history if "resumed_from" in row] == [2]
+    assert sorted(row["step"] for row in sft_history if "loss" in row) == [1, 2, 3, 4]
+
+    rows = {row["stage"]: row for row in run_status(recipe)}
+    # Hand-off: anneal1 started from pretrain1's LAST checkpoint; sft from anneal1's BEST average.
+    pretrain_selected = rows["pretrain1"]["selected_checkpoint_uri"]
+    assert pretrain_selected.endswith("checkpoint_000004")
+    anneal_config = storage.read_json(storage.join(rows["anneal1"]["checkpoints"][-1]["uri"], "stage_config.json"))
+    assert anneal_config["init_from"] == storage.join(pretrain_selected, "hf")
+    anneal_scores = {c["uri"]: c["eval_average"] for c in rows["anneal1"]["checkpoints"]}
+    assert len(anneal_scores) == 2 and all(v is not None for v in anneal_scores.values())
+    best = max(anneal_scores, key=lambda uri: (anneal_scores[uri], uri))
+    assert rows["anneal1"]["selected_checkpoint_uri"] == best
+    sft_config = storage.read_json(storage.join(rows["sft"]["checkpoints"][-1]["uri"], "stage_config.json"))
+    assert sft_config["init_from"] == storage.join(best, "hf")
+    selection = rows["sft"]["selection"]
+    assert selection["rule"] == "best_eval_average" and len(selection["scores"]) == 2
+
+    started = time.perf_counter()
+    outcomes = run_recipe(recipe, progress=lambda line: None)  # everything finished: all skipped
+    assert [o.status for o in outcomes] == ["skipped"] * 3
+    assert time.perf_counter() - started < 60
