@@ -1,10 +1,19 @@
 """The LLaDA-MoE forward pass, top to bottom (LLADA_SPEC sections 1-3).
 
 Legend: B batch, L length, T tokens (B*L), D hidden, H heads, Hk KV heads, Dh head dim,
-E experts, K top-k, F expert FFN, V vocab, S routed slots (T*K), C slots per expert (padded), R = E*C buffer rows.
+E experts, K top-k, F expert FFN, V vocab, S routed slots (T*K), C slots per expert (padded), R = E*C buffer rows,
+Lk keys attended (the cached sequence's length when a KV cache is used).
 
 Block: h = h + Attn(RMSNorm(h)); h = h + MoE(RMSNorm(h)); final RMSNorm; lm_head at every
 position (no shift: position i predicts token i). Attention is bidirectional.
+
+KV cache (for fast diffusion sampling, LLADA_SPEC section 6): a full forward with
+``use_cache=True`` returns every layer's keys (RoPE applied at their absolute positions) and
+values. A later forward of a contiguous span of that sequence (``past_key_values=cache,
+cache_start=i``) recomputes only the span: its keys/values overwrite the cache's entries there
+and its queries attend over the whole cached sequence. Because attention is bidirectional,
+this equals a full forward only while nothing outside the span has changed since the cache
+was built; the sampler decides when that approximation is good enough.
 """
 
 from __future__ import annotations
@@ -20,11 +29,33 @@ from llada_core.config import LLaDAMoEConfig
 
 
 @dataclass
+class KVCache:
+    """Keys and values of every layer for one whole sequence of length Lk.
+
+    ``keys[n]``, ``values[n]``: [B, Hk, Lk, Dh], keys with RoPE applied at their absolute
+    positions. ``key_mask_B11L`` (None: no padding) and ``position_ids`` [B, Lk] are those of the
+    forward that built the cache; a cached forward reuses them, so padded rows keep their own
+    positions. A cached forward writes its span's keys/values into these tensors in place.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_mask_B11L: torch.Tensor | None
+    position_ids: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.position_ids.shape[1]
+
+
+@dataclass
 class ModelOutput:
-    """``logits`` [B, L, V]; ``router_logits`` one fp32 [T, E] per layer (for the aux losses)."""
+    """``logits`` [B, L, V] (or [B, len(logits_slice), V]); ``router_logits`` one fp32 [T, E] per
+    layer (for the aux losses); ``past_key_values`` when a cache was asked for or used."""
 
     logits: torch.Tensor
     router_logits: tuple[torch.Tensor, ...]
+    past_key_values: KVCache | None = None
 
 
 class RMSNorm(nn.Module):
@@ -76,17 +107,28 @@ class Attention(nn.Module):
     def forward(
         self, x_BLD: torch.Tensor, cos_BLD: torch.Tensor, sin_BLD: torch.Tensor,
         key_mask_B11L: torch.Tensor | None,
-    ) -> torch.Tensor:
+        cached_kv: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (output [B, L, D], keys [B, Hk, L, Dh] with RoPE, values [B, Hk, L, Dh]).
+
+        ``cached_kv`` = (keys [B, Hk, Lk, Dh], values, start): x is the span [start, start + L)
+        of the cached sequence; its keys/values are written there and the queries attend to all Lk.
+        """
         b, length, _ = x_BLD.shape
         q_BHLD = self.q_norm(self.q_proj(x_BLD).view(b, length, self.num_heads, self.head_dim)).transpose(1, 2)
         k_BHLD = self.k_norm(self.k_proj(x_BLD).view(b, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v_BHLD = self.v_proj(x_BLD).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_BHLD, k_BHLD = apply_rope(q_BHLD, cos_BLD, sin_BLD), apply_rope(k_BHLD, cos_BLD, sin_BLD)
+        keys_BHLD, values_BHLD = k_BHLD, v_BHLD  # Lk = L without a cache
+        if cached_kv is not None:
+            keys_BHLD, values_BHLD, start = cached_kv
+            keys_BHLD[:, :, start:start + length] = k_BHLD
+            values_BHLD[:, :, start:start + length] = v_BHLD
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
-            k_BHLD, v_BHLD = k_BHLD.repeat_interleave(repeat, 1), v_BHLD.repeat_interleave(repeat, 1)
-        out_BHLD = F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLD, attn_mask=key_mask_B11L)
-        return self.o_proj(out_BHLD.transpose(1, 2).reshape(b, length, -1))
+            keys_BHLD, values_BHLD = keys_BHLD.repeat_interleave(repeat, 1), values_BHLD.repeat_interleave(repeat, 1)
+        out_BHLD = F.scaled_dot_product_attention(q_BHLD, keys_BHLD, values_BHLD, attn_mask=key_mask_B11L)
+        return self.o_proj(out_BHLD.transpose(1, 2).reshape(b, length, -1)), k_BHLD, v_BHLD
 
 
 class GroupedExperts(nn.Module):
@@ -166,10 +208,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config)
 
-    def forward(self, h_BLD, cos_BLD, sin_BLD, key_mask_B11L):
-        h_BLD = h_BLD + self.self_attn(self.input_layernorm(h_BLD), cos_BLD, sin_BLD, key_mask_B11L)
+    def forward(self, h_BLD, cos_BLD, sin_BLD, key_mask_B11L, cached_kv=None):
+        """-> (h [B, L, D], router logits [T, E], keys [B, Hk, L, Dh], values [B, Hk, L, Dh])."""
+        attn_out_BLD, k_BHLD, v_BHLD = self.self_attn(
+            self.input_layernorm(h_BLD), cos_BLD, sin_BLD, key_mask_B11L, cached_kv
+        )
+        h_BLD = h_BLD + attn_out_BLD
         moe_out_BLD, router_logits_TE = self.mlp(self.post_attention_layernorm(h_BLD))
-        return h_BLD + moe_out_BLD, router_logits_TE
+        return h_BLD + moe_out_BLD, router_logits_TE, k_BHLD, v_BHLD
 
 
 class LLaDAMoEBackbone(nn.Module):
@@ -221,12 +267,59 @@ class LLaDAMoEModelLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        *,
+        use_cache: bool = False,
+        past_key_values: KVCache | None = None,
+        cache_start: int | None = None,
+        logits_slice: slice | None = None,
     ) -> ModelOutput:
         """input_ids [B, L]; attention_mask [B, L] (1 = token, 0 = padding, which no query attends
         to); position_ids [B, L] default to cumsum(mask) - 1, so a left-padded row sees the same
-        positions as the row alone."""
+        positions as the row alone.
+
+        use_cache: also return the keys/values of every layer as ``past_key_values`` (a KVCache).
+        past_key_values, cache_start: input_ids are the span [cache_start, cache_start + L) of
+            the cached sequence; only the span is computed, against the cache's keys/values
+            elsewhere (padding mask and positions come from the cache, so attention_mask must be
+            None). The span's keys/values are written into the cache, which is returned.
+        logits_slice: compute logits only at these positions of input_ids (the final norm and
+            lm_head are the largest per-token cost at a large vocabulary).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [batch, length], got shape {tuple(input_ids.shape)}")
+        if past_key_values is not None:
+            key_mask_B11L, position_ids = self._cached_mask_and_positions(
+                input_ids, attention_mask, position_ids, past_key_values, cache_start
+            )
+        elif cache_start is not None:
+            raise ValueError("cache_start: only meaningful with past_key_values")
+        else:
+            key_mask_B11L, position_ids = self._mask_and_positions(input_ids, attention_mask, position_ids)
+        cos_BLD, sin_BLD = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        h_BLD = self.model.embed_tokens(input_ids)
+        router_logits, keys, values = [], [], []
+        for index, layer in enumerate(self.model.layers):
+            cached_kv = None
+            if past_key_values is not None:
+                cached_kv = (past_key_values.keys[index], past_key_values.values[index], cache_start)
+            h_BLD, router_logits_TE, k_BHLD, v_BHLD = layer(h_BLD, cos_BLD, sin_BLD, key_mask_B11L, cached_kv)
+            router_logits.append(router_logits_TE)
+            if use_cache and past_key_values is None:
+                keys.append(k_BHLD)
+                values.append(v_BHLD)
+        if logits_slice is not None:
+            h_BLD = h_BLD[:, logits_slice]
+        logits_BLV = self.lm_head(self.model.norm(h_BLD))
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache(keys=keys, values=values, key_mask_B11L=key_mask_B11L, position_ids=position_ids)
+        return ModelOutput(logits=logits_BLV, router_logits=tuple(router_logits), past_key_values=cache)
+
+    @staticmethod
+    def _mask_and_positions(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """-> (key mask [B, 1, 1, L] or None, position ids [B, L])."""
         key_mask_B11L = None
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
@@ -240,11 +333,25 @@ class LLaDAMoEModelLM(nn.Module):
                 position_ids = (mask_BL.long().cumsum(-1) - 1).clamp(min=0)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        cos_BLD, sin_BLD = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        h_BLD = self.model.embed_tokens(input_ids)
-        router_logits = []
-        for layer in self.model.layers:
-            h_BLD, router_logits_TE = layer(h_BLD, cos_BLD, sin_BLD, key_mask_B11L)
-            router_logits.append(router_logits_TE)
-        logits_BLV = self.lm_head(self.model.norm(h_BLD))
-        return ModelOutput(logits=logits_BLV, router_logits=tuple(router_logits))
+        return key_mask_B11L, position_ids
+
+    @staticmethod
+    def _cached_mask_and_positions(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+        cache: KVCache, cache_start: int | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The cache's key mask [B, 1, 1, Lk] and the span's position ids [B, L]."""
+        batch, length = input_ids.shape
+        if attention_mask is not None:
+            raise ValueError("attention_mask: with past_key_values the cache's padding mask is used; pass None")
+        if isinstance(cache_start, bool) or not isinstance(cache_start, int):
+            raise ValueError(f"cache_start: an int is required with past_key_values, got {cache_start!r}")
+        if cache_start < 0 or cache_start + length > cache.length:
+            raise ValueError(
+                f"cache_start: span [{cache_start}, {cache_start + length}) is outside the cached {cache.length} positions"
+            )
+        if cache.position_ids.shape[0] != batch:
+            raise ValueError(f"past_key_values: cached batch {cache.position_ids.shape[0]} != input batch {batch}")
+        if position_ids is None:
+            position_ids = cache.position_ids[:, cache_start:cache_start + length]
+        return cache.key_mask_B11L, position_ids
