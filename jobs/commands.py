@@ -205,3 +205,32 @@ def run_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = (add_run_command, add_status_command, add_eval_command, add_generate_command, add_submit_command,
             add_demo_command)
+
+
+def add_serve_command(subparsers: Any) -> None:
+    """`llada serve RECIPE | --checkpoint URI`: with a recipe and no checkpoint, serve the run's
+    selected checkpoint of its last stage (the SFT model)."""
+    from serve.cli import add_serve_command as add_serve_parser
+
+    add_serve_parser(subparsers)
+    subparsers.choices["serve"].set_defaults(handler=run_serve_command)
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    from jobs.dag import read_selection
+    from pipelines.storage import join
+    from serve.cli import run_serve
+
+    if args.recipe and not args.checkpoint:
+        recipe = load(argparse.Namespace(recipe=args.recipe, set=[]))
+        final = recipe.stages[-1].name
+        try:
+            args.checkpoint = join(read_selection(recipe, final, _s3())["checkpoint_uri"], "hf")
+        except ValueError as error:
+            print(f"llada serve: {error}", file=sys.stderr)
+            return 2
+        print(f"serving {args.checkpoint} (selected checkpoint of stage {final!r})", flush=True)
+    return run_serve(args)
+
+
+COMMANDS = (*COMMANDS, add_serve_command)

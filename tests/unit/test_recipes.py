@@ -99,8 +99,16 @@ def test_submit_entrypoint_uses_the_given_interpreter():
     assert command == "/opt/py/bin/python -m jobs.cli run jobs/recipes/tiny-cpu.yaml --stage sft --set a.b=1"
 
 
-@pytest.mark.parametrize("command", ["data", "run", "train", "status", "eval", "generate", "submit", "demo"])
+@pytest.mark.parametrize("command", ["data", "run", "train", "status", "eval", "generate", "submit", "demo", "serve"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0 and "usage: llada" in capsys.readouterr().out
+
+
+def test_serve_with_a_recipe_needs_a_finished_run(capsys, tmp_path):
+    path = next(p for p in RECIPES if p.name == "tiny-cpu.yaml")
+    recipe_copy = tmp_path / "recipe.yaml"
+    recipe_copy.write_text(path.read_text().replace("storage_uri: ./runs", f"storage_uri: {tmp_path}"))
+    assert main(["serve", str(recipe_copy), "--print-config"]) == 2
+    assert "no selection record" in capsys.readouterr().err

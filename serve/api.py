@@ -1,0 +1,352 @@
+"""The OpenAI-compatible HTTP API: a FastAPI app over a sampler backend (no Ray here).
+
+    GET  /health                 liveness (the ingress is up)
+    GET  /ready                  readiness (a sampler replica answers)
+    GET  /v1/models              the served model
+    POST /v1/completions         prompt(s) -> text; ``stream: true`` gives server-sent events
+    POST /v1/chat/completions    messages (tokenizer's chat template) -> message; streams too
+
+The backend is anything with ``stream(SampleRequest)`` (an async iterator of BlockUpdate /
+SampleFailure) and ``ready()``: on Ray Serve, a handle to the sampler deployment
+(serve/app.py); in unit tests, a model in the same process. Each committed block is sent as
+soon as it arrives. Client mistakes get a 4xx in OpenAI's error shape naming the field; a full
+queue gets 503, a request past ``request_timeout_s`` gets 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Protocol, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve import protocol
+from serve.batching import BlockUpdate, SampleFailure, SampleRequest
+from serve.config import ServeConfig
+from serve.protocol import ChatCompletionRequest, CompletionRequest
+from serve.text import TextAssembler, make_decoder
+from serve.validation import (
+    EXTENSION_OPTIONS,
+    ModelInfo,
+    RequestError,
+    chat_prompt,
+    check_extensions,
+    check_model_name,
+    completion_prompts,
+    resolve_sampling,
+    sample_requests,
+    sampler_extensions,
+)
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 10.0
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-wrap", "function-after"}
+
+
+class Overloaded(Exception):
+    """No sampler can take the request now (queue full, replica gone): answer 503."""
+
+
+class SamplerBackend(Protocol):
+    def stream(self, request: SampleRequest) -> AsyncIterator[BlockUpdate | SampleFailure]: ...
+
+    async def ready(self) -> dict[str, Any]: ...
+
+
+class OpenAIServer:
+    """Request handling shared by both endpoints: validate, fan prompts out to the sampler,
+    assemble text, answer as JSON or SSE."""
+
+    def __init__(self, backend: SamplerBackend, tokenizer: Any, model: ModelInfo, config: ServeConfig,
+                 api_key: str | None = None, extensions: frozenset[str] | None = None) -> None:
+        self.backend, self.tokenizer, self.model, self.config = backend, tokenizer, model, config
+        self.api_key = api_key
+        self.extensions = sampler_extensions() if extensions is None else extensions
+        self.decode = make_decoder(tokenizer)
+        self.stop_ids = frozenset(i for i in (model.eos_id, model.eot_id) if i is not None)
+        self.created = int(time.time())
+        try:
+            check_extensions({name: getattr(config.sampling, name) for name in EXTENSION_OPTIONS}, self.extensions)
+        except RequestError as error:
+            raise ValueError(f"sampling.{error.message}") from None
+
+    # ------------------------------------------------------------ endpoints
+
+    async def completions(self, body: CompletionRequest) -> Response:
+        check_model_name(body.model, self.config.model_name)
+        max_tokens, params = resolve_sampling(body, body.max_tokens, self.config, self.extensions, self.model)
+        prompts = completion_prompts(body, self.tokenizer, self.config)
+        requests = sample_requests(prompts, max_tokens, params, self.model, self.config, "prompt", body.stream)
+        return await self._answer(body, requests, chat=False)
+
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        check_model_name(body.model, self.config.model_name)
+        max_tokens, params = resolve_sampling(body, body.requested_max_tokens(), self.config,
+                                              self.extensions, self.model)
+        prompts = [chat_prompt(body, self.tokenizer, self.config)]
+        requests = sample_requests(prompts, max_tokens, params, self.model, self.config, "messages", body.stream)
+        return await self._answer(body, requests, chat=True)
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [protocol.model_card(self.config.model_name, self.created)]}
+
+    def model_card(self, model_id: str) -> dict[str, Any]:
+        check_model_name(model_id, self.config.model_name)
+        return protocol.model_card(self.config.model_name, self.created)
+
+    def authorized(self, authorization: str | None) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, key = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+
+    # ------------------------------------------------------------ answering
+
+    async def _answer(self, body: Any, requests: list[SampleRequest], chat: bool) -> Response:
+        stop_ids = () if body.ignore_eos else self.stop_ids
+        assemblers = [TextAssembler(self.decode, stop_ids, body.stop_sequences()) for _ in requests]
+        prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+        response_id = protocol.new_id("chatcmpl" if chat else "cmpl")
+        events = self._events(requests)
+        if body.stream:
+            # Wait for the first block before answering, so that 503/504/4xx from the sampler
+            # still become the response status instead of an error inside a 200 stream.
+            try:
+                first = await anext(events, None)
+            except BaseException:
+                await events.aclose()
+                raise
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._sse(events, first, assemblers, response_id, chat, include_usage, prompt_tokens)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async with aclosing(events):
+            async for index, update in events:
+                _apply(assemblers[index], update)
+                if all(a.finished for a in assemblers):
+                    break
+        for assembler in assemblers:  # a stream that ended without its final block
+            if not assembler.finished:
+                assembler.close()
+        usage = protocol.usage(prompt_tokens, sum(a.completion_tokens for a in assemblers))
+        if chat:
+            choices = [{"index": 0, "message": {"role": "assistant", "content": assemblers[0].text},
+                        "logprobs": None, "finish_reason": assemblers[0].finish_reason}]
+            return JSONResponse(protocol.chat_body(response_id, self.config.model_name, choices, usage))
+        choices = [{"index": i, "text": a.text, "logprobs": None, "finish_reason": a.finish_reason}
+                   for i, a in enumerate(assemblers)]
+        return JSONResponse(protocol.completion_body(response_id, self.config.model_name, choices, usage))
+
+    async def _events(self, requests: Sequence[SampleRequest]) -> AsyncIterator[tuple[int, BlockUpdate]]:
+        """(choice index, block) from every request's stream as they arrive, until all end.
+        Raises RequestError (sampler failures, timeout) and Overloaded."""
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump(index: int, request: SampleRequest) -> None:
+            try:
+                async for item in self.backend.stream(request):
+                    queue.put_nowait((index, item))
+            except Exception as error:  # handed to the consumer, which raises it
+                queue.put_nowait((index, error))
+            finally:
+                queue.put_nowait((index, end))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        deadline = requests[0].deadline
+        try:
+            remaining = len(requests)
+            while remaining:
+                try:
+                    index, item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.time()))
+                except asyncio.TimeoutError:
+                    raise RequestError(504, f"the request did not finish within this server's request timeout "
+                                       f"of {self.config.request_timeout_s:g} s", code="timeout",
+                                       kind="timeout_error") from None
+                if item is end:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                elif isinstance(item, SampleFailure):
+                    kind = "invalid_request_error" if item.status < 500 else "server_error"
+                    raise RequestError(item.status, item.message, kind=kind)
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _sse(self, events: AsyncIterator[tuple[int, BlockUpdate]], first: tuple[int, BlockUpdate] | None,
+                   assemblers: list[TextAssembler], response_id: str, chat: bool, include_usage: bool,
+                   prompt_tokens: int) -> AsyncIterator[str]:
+        model, announced = self.config.model_name, set()
+
+        def chunk(index: int, text: str | None, finish_reason: str | None, role: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
+                    ({} if text is None else {"content": text})
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                body = protocol.chat_body(response_id, model, [choice], None, chunk=True)
+            else:
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+                body = protocol.completion_body(response_id, model, [choice], None, chunk=True)
+            return _sse_data(body)
+
+        async with aclosing(events):
+            try:
+                if chat:
+                    yield chunk(0, None, None, role=True)
+                item: tuple[int, BlockUpdate] | None = first
+                while item is not None:
+                    index, update = item
+                    assembler = assemblers[index]
+                    if index not in announced:
+                        delta = _apply(assembler, update)
+                        if delta or assembler.finished:
+                            yield chunk(index, delta or None, assembler.finish_reason)
+                        if assembler.finished:
+                            announced.add(index)
+                    if len(announced) == len(assemblers):
+                        break
+                    item = await anext(events, None)
+            except (RequestError, Overloaded) as error:
+                status = error.status if isinstance(error, RequestError) else 503
+                yield _sse_data(protocol.error_body(str(error), "server_error" if status >= 500 else
+                                                    "invalid_request_error", code=str(status)))
+                return
+        for index, assembler in enumerate(assemblers):
+            if index not in announced:  # a stream that ended without its final block
+                yield chunk(index, assembler.close() or None, assembler.finish_reason)
+        if include_usage:
+            usage = protocol.usage(prompt_tokens, sum(a.completion_tokens for a in assemblers))
+            body = (protocol.chat_body if chat else protocol.completion_body)(response_id, model, [], usage, chunk=True)
+            yield _sse_data(body)
+        yield "data: [DONE]\n\n"
+
+
+def _apply(assembler: TextAssembler, update: BlockUpdate) -> str:
+    delta = assembler.add(update.token_ids)
+    if update.final and not assembler.finished:
+        delta += assembler.close()
+    return delta
+
+
+def _sse_data(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------- the FastAPI app
+
+
+def create_app(server: OpenAIServer) -> FastAPI:
+    """The FastAPI app of the API over ``server``."""
+    app = FastAPI(title="llada-platform", version="1", description=__doc__)
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > server.config.limits.max_request_bytes:
+            return _error(413, f"request body: {declared} bytes exceed this server's cap of "
+                               f"{server.config.limits.max_request_bytes}", code="request_too_large")
+        path, root = request.url.path, request.scope.get("root_path", "")  # root: the app's route prefix
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if path.startswith("/v1/") and not server.authorized(request.headers.get("authorization")):
+            return _error(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                          kind="authentication_error", code="invalid_api_key",
+                          headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        try:
+            details = await asyncio.wait_for(server.backend.ready(), READY_TIMEOUT_S)
+        except Exception as error:  # not ready, whatever the reason; the message says which
+            return JSONResponse({"status": "not ready", "reason": f"{type(error).__name__}: {error}"[:500]},
+                                status_code=503)
+        return JSONResponse({"status": "ready", "model": server.config.model_name, **details})
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return server.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        return server.model_card(model_id)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        return await server.completions(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        return await server.chat_completions(body)
+
+    return app
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(protocol.error_body(message, kind, param, code), status_code=status, headers=headers)
+
+
+def validation_message(errors: Sequence[Any]) -> tuple[str | None, str]:
+    """(param, message) for the first pydantic error of a request body, naming the field."""
+    if not errors:
+        return None, "invalid request body"
+    error = errors[0]
+    kind = error.get("type", "")
+    path = [str(p) for p in error.get("loc", ()) if p != "body"
+            and not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+    param = ".".join(path) or None
+    if kind == "json_invalid":
+        return None, f"request body: not valid JSON ({error.get('ctx', {}).get('error', 'decode error')})"
+    if kind in ("missing", "model_attributes_type", "dict_type") and param is None:
+        return None, "request body: expected a JSON object"
+    if kind == "extra_forbidden":
+        return param, f"{param}: unknown field (see /docs for the accepted fields)"
+    message = str(error.get("msg", "invalid value"))
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    return param, f"{param}: {message}" if param and not message.startswith(f"{param}:") else message
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, error: RequestError) -> JSONResponse:
+        return _error(error.status, error.message, error.kind, error.param, error.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
+        param, message = validation_message(error.errors())
+        return _error(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(
+            error.status_code, str(error.detail))
+        return _error(error.status_code, message, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, error: Overloaded) -> JSONResponse:
+        return _error(503, f"the server is at capacity, retry later ({error})", kind="server_error",
+                      code="overloaded", headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, error: Exception) -> JSONResponse:
+        logger.error("unhandled error", exc_info=error)
+        return _error(500, f"internal error: {type(error).__name__}", kind="server_error")

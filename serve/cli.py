@@ -1,0 +1,130 @@
+"""``llada serve`` (wired into jobs/cli.py by ``add_serve_command``) and ``python -m serve``.
+
+    llada serve --checkpoint ./runs/demo/sft/best                      # http://127.0.0.1:8000/v1
+    llada serve --checkpoint s3://bucket/run/sft/best --config serve.yaml --port 8080
+    llada serve --checkpoint s3://bucket/run/sft/best --print-config > rayservice-serve.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+from pydantic import ValidationError
+
+from serve.config import AppArgs, ServeConfig, load_serve_config
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", metavar="RECIPE",
+                        help="recipe YAML whose `serve:` block gives the settings (the checkpoint still comes "
+                             "from --checkpoint until recipes name their selected checkpoint)")
+    parser.add_argument("--checkpoint", metavar="URI", help="exported checkpoint: a path, file:// or s3:// URI")
+    parser.add_argument("--config", metavar="FILE", help="serve config YAML (serve/config.py: ServeConfig)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    parser.add_argument("--model-name", help="model id clients send (default llada-moe)")
+    parser.add_argument("--api-key-env", metavar="VAR",
+                        help="require `Authorization: Bearer $VAR` on /v1/* (the key is read from VAR)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the Serve config YAML (for `serve deploy` or a KubeRay RayService) and exit")
+    parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+
+def add_serve_command(subparsers: Any) -> None:
+    """Add ``serve`` to the ``llada`` command's subparsers."""
+    parser = subparsers.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible API (Ray Serve)")
+    add_serve_arguments(parser)
+    parser.set_defaults(handler=run_serve)
+
+
+def app_args_from_cli(args: argparse.Namespace) -> AppArgs:
+    """AppArgs from the flags; raises ValueError / ValidationError naming the problem."""
+    if args.recipe and args.config:
+        raise ValueError("give either RECIPE or --config, not both")
+    overrides = {field: getattr(args, flag) for flag, field in (
+        ("host", "host"), ("port", "port"), ("model_name", "model_name"), ("api_key_env", "api_key_env"))
+        if getattr(args, flag) is not None}
+    source = args.recipe or args.config
+    config = load_serve_config(source, overrides) if source else ServeConfig.model_validate(overrides)
+    if not args.checkpoint:
+        raise ValueError("--checkpoint: required (the URI of an exported checkpoint; recipes cannot name "
+                         "their selected checkpoint yet)")
+    return AppArgs(checkpoint=args.checkpoint, config=config)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        app_args = app_args_from_cli(args)
+    except (ValidationError, ValueError) as error:
+        print(f"llada serve: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    from serve.app import serve_config_yaml
+
+    if args.print_config:
+        print(serve_config_yaml(app_args), end="")
+        return 0
+    return _serve_until_interrupted(app_args, args.ray_address)
+
+
+def _serve_until_interrupted(app_args: AppArgs, ray_address: str | None) -> int:
+    import ray
+    from ray import serve
+
+    from pipelines import storage
+    from serve.app import run
+
+    config = app_args.config
+    try:
+        if not storage.exists(storage.join(app_args.checkpoint, "config.json"), app_args.s3):
+            print(f"llada serve: {app_args.checkpoint} has no config.json; pass an exported checkpoint",
+                  file=sys.stderr)
+            return 1
+    except storage.StorageError as error:
+        print(f"llada serve: {error}", file=sys.stderr)
+        return 1
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    started = time.perf_counter()
+    try:
+        run(app_args)
+    except RuntimeError as error:
+        print(f"llada serve: the application failed to start: {error}", file=sys.stderr)
+        return 1
+    base = f"http://{config.host}:{config.port}"
+    scaling = config.autoscaling
+    print(f"serving {app_args.checkpoint} as {config.model_name!r} at {base}/v1 "
+          f"(ready in {time.perf_counter() - started:.1f} s)")
+    print(f"  replicas {scaling.min_replicas}..{scaling.max_replicas}, batch <= {config.batching.max_batch_size}, "
+          f"queue <= {config.replica.max_queued_requests}, timeout {config.request_timeout_s:g} s, "
+          f"API key {'required' if config.api_key_env else 'off'}")
+    print(f"  try: curl {base}/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{config.model_name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
+    print("Ctrl-C (or SIGTERM) stops the server.", flush=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the shell ignored it
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+        serve.shutdown()
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

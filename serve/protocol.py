@@ -1,0 +1,259 @@
+"""OpenAI-compatible request bodies (with the diffusion parameters as extra fields) and
+response bodies.
+
+Requests are strict: an unknown field, a wrong type or an OpenAI option the diffusion sampler
+cannot honour (``n > 1``, ``top_p < 1``, penalties, logprobs, tools) is a 400 that names the
+field, never silently ignored. Fields at their no-op value (``n: 1``, ``top_p: 1``) are accepted
+so that clients which always send them work.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+MAX_TEXT_CHARS = 1_000_000  # a backstop; the prompt-token cap is the real limit
+MAX_STOP_SEQUENCES = 4
+
+# (field, the only values accepted, why) for OpenAI options the sampler does not implement.
+_NO_OP_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((None, 1), "only n=1 is supported (send several prompts instead)"),
+    "best_of": ((None, 1), "only best_of=1 is supported"),
+    "top_p": ((None, 1, 1.0), "nucleus sampling is not supported by the diffusion sampler; use temperature"),
+    "frequency_penalty": ((None, 0, 0.0), "penalties are not supported by the diffusion sampler"),
+    "presence_penalty": ((None, 0, 0.0), "penalties are not supported by the diffusion sampler"),
+    "logit_bias": ((None, {}), "logit_bias is not supported"),
+    "logprobs": ((None, False, 0), "logprobs are not supported"),
+    "top_logprobs": ((None, 0), "logprobs are not supported"),
+    "echo": ((None, False), "echo is not supported"),
+    "suffix": ((None, ""), "suffix (infilling) is not supported"),
+    "tools": ((None, []), "tool calling is not supported"),
+    "tool_choice": ((None, "none"), "tool calling is not supported"),
+    "functions": ((None, []), "function calling is not supported"),
+    "function_call": ((None, "none"), "function calling is not supported"),
+    "parallel_tool_calls": ((None, False, True), "tool calling is not supported"),
+}
+
+
+def _valid_text(value: str) -> str:
+    """Reject lone surrogates: valid JSON escapes, but not text a tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PydanticCustomError("invalid_text", "not valid Unicode text (lone surrogate at character "
+                                  "{position})", {"position": error.start}) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+StopText = Annotated[Text, Field(min_length=1, max_length=256)]
+# Types of OpenAI options accepted only at their no-op values: the schema says so (the fuzz
+# run and clients see it), and _check_no_ops gives the friendly message first.
+NoOpOne = Literal[1] | None
+NoOpFalse = Literal[False] | None
+NoOpEmptyList = Annotated[list[dict[str, Any]], Field(max_length=0)] | None
+
+
+def _check_no_ops(values: Any) -> Any:
+    if isinstance(values, dict):
+        for name, (allowed, why) in _NO_OP_VALUES.items():
+            value = values.get(name)
+            # type() as well as ==, so that true is not taken for 1
+            if not any(value == no_op and type(value) is type(no_op) for no_op in allowed):
+                raise PydanticCustomError("unsupported", f"{name}: {why}")
+    return values
+
+
+def _raise_text_error(error: ValidationError) -> None:
+    """Inside a union, keep the precise "lone surrogate" message over the union's summary."""
+    text_error = next((e for e in error.errors() if e["type"] == "invalid_text"), None)
+    if text_error is not None:
+        raise PydanticCustomError("invalid_text", text_error["msg"]) from None
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+
+class DiffusionParameters(_Body):
+    """Extra body fields (``extra_body=`` in the openai client); each defaults to the serve
+    config's ``sampling`` value. See LLADA_SPEC section 6."""
+
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    steps: int | None = Field(None, ge=1, le=2**31 - 1, description="sampling steps in total (official LLaDA meaning)")
+    block_length: int | None = Field(None, ge=1, le=2**31 - 1, description="tokens per semi-autoregressive block")
+    remasking: Literal["low_confidence", "random"] | None = None
+    cfg_scale: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="classifier-free guidance")
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="confidence-threshold parallel decoding")
+    cache: str | None = Field(None, max_length=32, description="KV cache mode, where the sampler has one")
+    early_stop: bool | None = None
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    ignore_eos: bool = Field(False, description="return all max_tokens tokens, EOS included")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: Text | None = Field(None, max_length=256)
+    # OpenAI options accepted only at their no-op values (checked in _check_no_ops).
+    n: NoOpOne = None
+    top_p: Annotated[float, Field(ge=1.0, le=1.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_ops(cls, values: Any) -> Any:
+        return _check_no_ops(values)
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _stop(cls, value: Any, handler: Any) -> list[str] | None:
+        try:
+            stop = handler(value)
+        except ValidationError as error:
+            _raise_text_error(error)
+            if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+                raise PydanticCustomError("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, "
+                                          f"got {len(value)}") from None
+            raise PydanticCustomError("stop", f"expected a string or a list of at most {MAX_STOP_SEQUENCES} "
+                                      "strings, each of 1 to 256 characters") from None
+        return [stop] if isinstance(stop, str) else stop
+
+    def stop_sequences(self) -> list[str]:
+        return list(self.stop or [])  # type: ignore[arg-type]
+
+
+Prompt = Text | list[Text] | list[int] | list[list[int]]
+
+
+class CompletionRequest(DiffusionParameters):
+    """``POST /v1/completions``."""
+
+    model: Text = Field(max_length=256)
+    prompt: Prompt
+    best_of: NoOpOne = None
+    echo: NoOpFalse = None
+    logprobs: Literal[0] | None = None
+    suffix: Literal[""] | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, value: Any, handler: Any) -> Prompt:
+        try:
+            prompt = handler(value)
+        except ValidationError as error:
+            _raise_text_error(error)
+            raise PydanticCustomError(
+                "prompt", "expected a string, a list of strings, a list of token ids or a list of "
+                "token-id lists") from None
+        if isinstance(prompt, list) and not prompt:
+            raise PydanticCustomError("prompt", "must not be an empty list")
+        return prompt
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: Text = Field(max_length=MAX_TEXT_CHARS)
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[Text, Field(max_length=MAX_TEXT_CHARS)] | list[TextPart]
+    name: Text | None = Field(None, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_null_extras(cls, values: Any) -> Any:
+        # Assistant messages copied from a response carry refusal/tool_calls/... = null.
+        if isinstance(values, dict):
+            return {k: v for k, v in values.items() if v is not None or k in ("role", "content")}
+        return values
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(_Body):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(DiffusionParameters):
+    """``POST /v1/chat/completions``: messages rendered with the tokenizer's chat template."""
+
+    model: Text = Field(max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    logprobs: NoOpFalse = None
+    top_logprobs: Literal[0] | None = None
+    response_format: ResponseFormat | None = None
+    tools: NoOpEmptyList = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: NoOpEmptyList = None
+    function_call: Literal["none"] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+    @model_validator(mode="after")
+    def _max_tokens(self) -> "ChatCompletionRequest":
+        if self.max_completion_tokens is not None and self.max_tokens is not None \
+                and self.max_completion_tokens != self.max_tokens:
+            raise PydanticCustomError("max_tokens", "max_tokens and max_completion_tokens disagree; send one")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# ---------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape. The message is made safe to encode (no lone surrogates)."""
+    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return {"error": {"message": safe, "type": kind, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(response_id: str, model: str, choices: list[dict[str, Any]],
+                    usage_body: dict[str, int] | None, chunk: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": response_id, "object": "text_completion", "created": int(time.time()),
+                            "model": model, "choices": choices}
+    if usage_body is not None or not chunk:
+        body["usage"] = usage_body
+    return body
+
+
+def chat_body(response_id: str, model: str, choices: list[dict[str, Any]],
+              usage_body: dict[str, int] | None, chunk: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": response_id, "object": "chat.completion.chunk" if chunk else "chat.completion",
+                            "created": int(time.time()), "model": model, "choices": choices}
+    if usage_body is not None or not chunk:
+        body["usage"] = usage_body
+    return body
+
+
+def model_card(model_name: str, created: int) -> dict[str, Any]:
+    return {"id": model_name, "object": "model", "created": created, "owned_by": "llada-platform"}

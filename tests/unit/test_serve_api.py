@@ -1,0 +1,322 @@
+"""The OpenAI-compatible API (serve/api.py) in process, without Ray: a tiny model behind the
+FastAPI app through an in-process backend. Response shapes, SSE streaming, error statuses,
+API key, timeout and backpressure answers, and a schema fuzz run that must find no 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
+from starlette.testclient import TestClient
+
+from llada_core import LLaDAMoEModelLM, preset
+from pipelines.tokenizer import special_token_ids, train_bpe
+from serve.api import OpenAIServer, Overloaded, create_app
+from serve.batching import BatchRunner, SampleRequest, sample_group
+from serve.config import ServeConfig
+from serve.validation import ModelInfo
+
+MODEL_NAME = "tiny-llada"
+TEXTS = ["the cat sat on the mat", "a dog ran in the park", "one two three four five six",
+         "HUMAN ASSISTANT SYSTEM"] * 10
+
+
+class InProcessBackend:
+    """The sampler in this process: each request is sampled alone by the batch runner."""
+
+    def __init__(self, model: LLaDAMoEModelLM) -> None:
+        self.runner = BatchRunner(model)
+
+    async def stream(self, request: SampleRequest):
+        async for slots in self.runner.run([request]):
+            if slots[0] is StopIteration:
+                return
+            if slots[0] is not None:
+                yield slots[0]
+
+    async def ready(self) -> dict:
+        return {"device": "cpu"}
+
+
+class SlowBackend:
+    async def stream(self, request: SampleRequest):
+        await asyncio.sleep(5)
+        yield None
+
+    async def ready(self) -> dict:
+        await asyncio.sleep(60)
+        return {}
+
+
+class FullBackend:
+    async def stream(self, request: SampleRequest):
+        raise Overloaded("queue full")
+        yield None
+
+    async def ready(self) -> dict:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def parts():
+    tokenizer = train_bpe(TEXTS, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    config = preset("tiny", vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                    max_position_embeddings=128)
+    model = LLaDAMoEModelLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
+    ids = special_token_ids(tokenizer)
+    info = ModelInfo(vocab_size=config.vocab_size, max_position_embeddings=128, mask_id=ids.mask,
+                     eos_id=ids.eos, eot_id=ids.role_end)
+    serve_config = ServeConfig.model_validate({
+        "model_name": MODEL_NAME, "sampling": {"max_tokens": 8, "block_length": 4},
+        "limits": {"max_tokens": 16, "max_prompt_tokens": 48, "max_request_bytes": 4096},
+        "request_timeout_s": 60.0})
+    return tokenizer, model, info, serve_config
+
+
+def client_for(parts, backend=None, api_key=None, timeout_s: float | None = None) -> TestClient:
+    tokenizer, model, info, config = parts
+    if timeout_s is not None:
+        config = config.model_copy(update={"request_timeout_s": timeout_s})
+    server = OpenAIServer(backend or InProcessBackend(model), tokenizer, info, config, api_key=api_key)
+    return TestClient(create_app(server))
+
+
+@pytest.fixture(scope="module")
+def client(parts):
+    return client_for(parts)
+
+
+def completion(client, **fields):
+    return client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "the cat", **fields})
+
+
+def sse_events(client, path: str, body: dict) -> list:
+    with client.stream("POST", path, json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+def test_completion_text_is_the_decoded_answer_of_the_sampler(client, parts):
+    tokenizer, model, info, _ = parts
+    response = completion(client, max_tokens=6, ignore_eos=True)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "text_completion" and body["model"] == MODEL_NAME
+    [choice] = body["choices"]
+    prompt_ids = tuple(tokenizer("the cat", add_special_tokens=False)["input_ids"])
+    from serve.batching import SamplingParams
+    params = SamplingParams(gen_length=8, steps=8, block_length=4, eot_id=info.eot_id)
+    request = SampleRequest("x", prompt_ids, 6, params)
+    expected = tokenizer.decode([t for t in sample_group(model, [request])[0] if t < len(tokenizer)],
+                                skip_special_tokens=True)
+    assert choice["text"] == expected and choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 6,
+                             "total_tokens": len(prompt_ids) + 6}
+
+
+def test_several_prompts_give_one_choice_each(client):
+    body = completion(client, prompt=["the cat", "a", "a dog"], max_tokens=4).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    body = completion(client, prompt=[[7, 8, 9], [10]], max_tokens=4).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+
+
+def test_streamed_completion_adds_up_to_the_plain_answer(client):
+    fields = {"prompt": ["the cat", "a dog ran"], "max_tokens": 12, "ignore_eos": True}
+    plain = completion(client, **fields).json()
+    events = sse_events(client, "/v1/completions", {"model": MODEL_NAME, **fields, "stream": True,
+                                                    "stream_options": {"include_usage": True}})
+    texts, finish = ["", ""], [None, None]
+    for event in events[:-1]:
+        [choice] = event["choices"]
+        texts[choice["index"]] += choice["text"]
+        finish[choice["index"]] = choice["finish_reason"] or finish[choice["index"]]
+    assert texts == [c["text"] for c in plain["choices"]]
+    assert finish == ["length", "length"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+
+
+class ScriptedBackend:
+    """Blocks of known tokens: each block's text is known, so each must arrive as one chunk."""
+
+    def __init__(self, blocks: list[list[int]]) -> None:
+        self.blocks = blocks
+
+    async def stream(self, request: SampleRequest):
+        from serve.batching import BlockUpdate
+
+        for index, block in enumerate(self.blocks):
+            yield BlockUpdate(index, len(self.blocks), tuple(block))
+
+    async def ready(self) -> dict:
+        return {}
+
+
+def test_each_committed_block_is_one_sse_chunk_and_the_stream_stops_at_eos(parts):
+    tokenizer, _, info, _ = parts
+    words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("the", " cat", " sat", " on")]
+    blocks = [words[0] + words[1], words[2] + words[3], [info.eos_id] * 4]
+    client = client_for(parts, backend=ScriptedBackend(blocks))
+    events = sse_events(client, "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "max_tokens": 12,
+                                                    "block_length": 4, "stream": True})
+    assert [e["choices"][0]["text"] for e in events] == ["the cat", " sat on", ""]
+    assert [e["choices"][0]["finish_reason"] for e in events] == [None, None, "stop"]
+
+
+def test_chat_completion_and_its_stream(client):
+    body = {"model": MODEL_NAME, "messages": [{"role": "system", "content": "short"},
+                                              {"role": "user", "content": "the cat"}],
+            "max_completion_tokens": 8, "ignore_eos": True}
+    plain = client.post("/v1/chat/completions", json=body).json()
+    assert plain["object"] == "chat.completion"
+    message = plain["choices"][0]["message"]
+    assert message["role"] == "assistant" and isinstance(message["content"], str)
+    events = sse_events(client, "/v1/chat/completions", {**body, "stream": True})
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:])
+    assert streamed == message["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_models_health_and_readiness(client):
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL_NAME]
+    assert client.get(f"/v1/models/{MODEL_NAME}").json()["id"] == MODEL_NAME
+    assert client.get("/v1/models/other").status_code == 404
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["status"] == "ready"
+
+
+@pytest.mark.parametrize("fields,status,needle", [
+    (dict(model="gpt-4"), 404, "model: 'gpt-4' does not exist"),
+    (dict(max_tokens=17), 400, "max_tokens: 17 exceeds"),
+    (dict(steps=3, max_tokens=8), 400, "steps: 3 must be a multiple"),
+    (dict(n=3), 400, "n: only n=1"),
+    (dict(temperature=-0.1), 400, "temperature:"),
+    (dict(bogus=True), 400, "bogus: unknown field"),
+    (dict(prompt="<|mask|> hi"), 400, "mask token"),
+    (dict(prompt=[5, 4000]), 400, "token id 4000"),
+    (dict(prompt="the cat " * 40), 400, "prompt cap"),
+    (dict(prompt="x" * 5000), 413, "request body"),
+])
+def test_client_mistakes_are_4xx_in_openai_shape_naming_the_problem(client, fields, status, needle):
+    response = completion(client, **fields)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert needle in error["message"] and error["type"]
+
+
+def test_malformed_bodies_are_400(client):
+    for content in (b"{nope", b"[1, 2]", b"null", b'"text"'):
+        response = client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 400, content
+        assert "request body" in response.json()["error"]["message"]
+    assert client.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": []}).status_code == 400
+    assert client.get("/v1/completions").status_code == 405
+
+
+def test_api_key_is_required_on_v1_only(parts):
+    secured = client_for(parts, api_key="s3cret")
+    assert secured.get("/v1/models").status_code == 401
+    response = secured.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x"},
+                            headers={"Authorization": "Bearer wrong"})
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    assert secured.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert secured.get("/health").status_code == 200
+
+
+def test_a_request_past_the_timeout_is_504_and_a_full_queue_is_503(parts):
+    slow = client_for(parts, backend=SlowBackend(), timeout_s=0.5)
+    response = completion(slow)
+    assert response.status_code == 504 and "request timeout" in response.json()["error"]["message"]
+    assert completion(slow, stream=True).status_code == 504
+    full = client_for(parts, backend=FullBackend())
+    response = completion(full)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert completion(full, stream=True).status_code == 503
+
+
+class CheckingBackend:
+    """Fast stand-in for the sampler in the fuzz run: asserts that every request it is sent is
+    one generate() accepts, and answers with blocks of a plain token."""
+
+    async def stream(self, request: SampleRequest):
+        from serve.batching import BlockUpdate
+
+        params = request.params
+        assert params.gen_length % params.block_length == 0 and params.steps % params.num_blocks == 0
+        assert params.steps <= params.gen_length and 1 <= request.max_tokens <= params.gen_length
+        for index in range(params.num_blocks):
+            start = index * params.block_length
+            size = max(0, min(params.block_length, request.max_tokens - start))
+            yield BlockUpdate(index, params.num_blocks, (7,) * size)
+
+    async def ready(self) -> dict:
+        return {}
+
+
+def served_model(case, model_name: str) -> None:
+    """Point a generated case at the served model, so that the fuzz reaches the sampler."""
+    if isinstance(case.body, dict) and "model" in case.body:
+        case.body["model"] = model_name
+    if case.path_parameters and "model_id" in case.path_parameters:
+        case.path_parameters["model_id"] = model_name
+
+
+def test_schema_fuzz_finds_no_server_error(parts):
+    """Property-based run over the OpenAPI schema: positive and negative cases of every
+    operation, half of them aimed at the served model; any 5xx fails."""
+    import schemathesis
+
+    app = client_for(parts, backend=CheckingBackend()).app
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
+    statuses: list[int] = []
+    with TestClient(app) as fuzz_client:  # one event loop for the whole run
+        fuzz(operations, fuzz_client, statuses)
+    assert statuses.count(200) >= 5 and sum(400 <= s < 500 for s in statuses) >= 50, "the fuzz run went nowhere"
+
+
+def fuzz(operations, fuzz_client: TestClient, statuses: list[int]) -> None:
+    from schemathesis import GenerationMode
+
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            fuzz_operation(operation, mode, fuzz_client, statuses)
+
+
+def fuzz_operation(operation, mode, fuzz_client: TestClient, statuses: list[int]) -> None:
+    from schemathesis import GenerationMode
+
+    @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode), aim=st.booleans())
+    def run(case, aim: bool) -> None:
+        if aim:
+            served_model(case, MODEL_NAME)
+        kwargs = case.as_transport_kwargs()
+        response = fuzz_client.request(kwargs["method"], case.formatted_path, headers=kwargs.get("headers"),
+                                       json=kwargs.get("json"), params=kwargs.get("params"))
+        statuses.append(response.status_code)
+        assert response.status_code < 500, (operation.path, case.body, response.text[:300])
+
+    try:
+        run()
+    except Unsatisfiable:
+        assert mode == GenerationMode.NEGATIVE  # an operation without inputs has no invalid ones
