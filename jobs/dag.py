@@ -33,12 +33,8 @@ def prepare_data(recipe: Recipe, s3: storage.S3Settings | None, progress: Callab
     """Corpus, tokenizer, packed shards and one mixture per stage (reused when already there)."""
     from pipelines.prepare import PrepareConfig, prepare
 
-    data = recipe.data
-    config = PrepareConfig(
-        output_uri=recipe.data_uri(), demo=data.demo, corpus=data.corpus, sources=data.sources,
-        tokenizer_uri=data.tokenizer_uri, vocab_size=data.vocab_size, seq_len=data.seq_len,
-        sft_seq_len=data.sft_seq_len, stages={stage.name: stage.mixture for stage in recipe.stages},
-    )
+    config = PrepareConfig(**dict(recipe.data), output_uri=recipe.data_uri(),
+                           stages={stage.name: stage.mixture for stage in recipe.stages})
     return prepare(config, s3, progress=progress)
 
 

@@ -21,23 +21,10 @@ from pydantic import Field, model_validator
 
 from jobs.stage_config import FaultInjection, ModelSpec, OptimizerSpec, ScalingSpec, ScheduleSpec, StageConfig, Strict
 from pipelines import storage
-from pipelines.corpus import CorpusSpec
 from pipelines.mixture import MixtureSpec
-from pipelines.sources import SourceSpec
+from pipelines.prepare import DataSpec
 
 SelectionRule = Literal["best_eval_average", "last"]
-
-
-class DataSpec(Strict):
-    """What ``llada data prepare`` builds for the run (see pipelines.prepare.PrepareConfig)."""
-
-    demo: bool = True
-    corpus: CorpusSpec = CorpusSpec()
-    sources: list[SourceSpec] = Field(default_factory=list)
-    tokenizer_uri: str | None = None
-    vocab_size: int = Field(4096, ge=300)
-    seq_len: int = Field(256, ge=8)
-    sft_seq_len: int = Field(256, ge=8)
 
 
 class InitFrom(Strict):

@@ -25,12 +25,12 @@ from pipelines.sources import SourceSpec
 from pipelines.tokenizer import load_tokenizer, train_demo_tokenizer
 
 
-class PrepareConfig(BaseModel):
-    """What `llada data prepare` does. Either ``demo`` (built-in corpus) or your ``sources``."""
+class DataSpec(BaseModel):
+    """The data of a run: either ``demo`` (built-in corpus) or your ``sources``, the tokenizer
+    and sequence lengths. A recipe's ``data:`` block is one of these."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    output_uri: str
     demo: bool = True
     corpus: CorpusSpec = CorpusSpec()
     sources: list[SourceSpec] = Field(default_factory=list)
@@ -38,16 +38,22 @@ class PrepareConfig(BaseModel):
     vocab_size: int = Field(4096, ge=300)
     seq_len: int = Field(256, ge=8)
     sft_seq_len: int = Field(256, ge=8)
-    stages: dict[str, MixtureSpec] = Field(default_factory=dict)
-    overwrite: bool = False
 
     @model_validator(mode="after")
-    def _check(self) -> "PrepareConfig":
+    def _check(self) -> "DataSpec":
         if not self.demo and not self.sources:
             raise ValueError("sources: give at least one source, or set demo: true for the built-in corpus")
         if not self.demo and self.tokenizer_uri is None:
             raise ValueError("tokenizer_uri: required with your own sources (the demo tokenizer fits only the demo)")
         return self
+
+
+class PrepareConfig(DataSpec):
+    """What `llada data prepare` does: a DataSpec, where to write it, and the stages' mixtures."""
+
+    output_uri: str
+    stages: dict[str, MixtureSpec] = Field(default_factory=dict)
+    overwrite: bool = False
 
 
 def demo_sources(corpus_uri: str) -> list[SourceSpec]:

@@ -66,6 +66,10 @@ def test_bad_recipes_name_the_field():
     with pytest.raises(ValueError, match="duplicate stage names"):
         Recipe.model_validate(raw)
     raw = tiny_raw()
+    raw["data"]["demo"] = False  # own data needs sources and a tokenizer
+    with pytest.raises(ValueError, match="sources"):
+        Recipe.model_validate(raw)
+    raw = tiny_raw()
     raw["stages"][0]["mixture"]["weights"] = {"text": -1.0}
     with pytest.raises(ValueError, match="weights.text"):
         Recipe.model_validate(raw)
