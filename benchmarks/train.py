@@ -38,11 +38,13 @@ def stage_data(root: str) -> dict:
     return {"tokenizer_uri": summary["tokenizer_uri"], "stage_uri": f"{root}/stages/bench"}
 
 
-def measure(data: dict, preset: str, workers: int, steps: int, micro_batch: int, root: str) -> dict:
-    output = f"{root}/{preset}-{workers}"
+def measure(data: dict, preset: str, workers: int, steps: int, micro_batch: int, root: str,
+            grad_accum: int = 1) -> dict:
+    output = f"{root}/{preset}-{workers}-{grad_accum}"
     config = StageConfig.model_validate(dict(
         name=f"bench-{preset}-{workers}", kind="pretrain", model={"preset": preset}, data_uri=data["stage_uri"],
-        output_uri=output, num_steps=steps, micro_batch_size=micro_batch, checkpoint_every=10**6,
+        output_uri=output, num_steps=steps, micro_batch_size=micro_batch, grad_accumulation_steps=grad_accum,
+        checkpoint_every=10**6,
         optimizer={"lr": 1e-3}, schedule={"kind": "constant"}, scaling={"num_workers": workers},
         variable_length_prob=0.0,
     ))
@@ -51,6 +53,7 @@ def measure(data: dict, preset: str, workers: int, steps: int, micro_batch: int,
     rows = [r for r in read_history(output) if "loss" in r][2:]
     return {
         "benchmark": "train_stage", "preset": preset, "workers": workers, "micro_batch": micro_batch,
+        "grad_accumulation": grad_accum, "tokens_per_step": micro_batch * grad_accum * workers * SEQ_LEN,
         "seq_len": SEQ_LEN, "steps_measured": len(rows),
         "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows), 1),
         "mfu": round(statistics.median(r["mfu"] for r in rows), 4),
@@ -65,6 +68,8 @@ def main() -> None:
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per optimizer step (amortises the optimizer update)")
     args = parser.parse_args()
     ray.init(include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -72,7 +77,8 @@ def main() -> None:
         data = stage_data(root)
         for preset in args.presets:
             for workers in args.workers:
-                print(json.dumps(measure(data, preset, workers, args.steps, args.micro_batch, root)), flush=True)
+                print(json.dumps(measure(data, preset, workers, args.steps, args.micro_batch, root, args.grad_accum)),
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -132,11 +132,21 @@ class Attention(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored stacked, so all of them run as batched matrix products.
+    """E SwiGLU experts stored stacked, computed per expert group after one sort of the routed
+    slots (never a loop over tokens).
+
+    Two equivalent paths: with balanced routing, one batched matmul over a padded [E, C, D]
+    buffer (C = the largest group); when padding would add more than ``max_padding`` times the
+    useful work (routing is often very uneven early in training: max/mean load 7 was seen), a
+    matmul per expert on its contiguous slice of the sorted tokens. Measured on CPU (T=2048,
+    E=64, K=8, D=512, F=256, forward+backward): padded 0.36 s vs per-group 0.99 s at max/mean
+    load 1.1, 2.53 s vs 1.08 s at 7.7; the crossover is near max/mean 3.
 
     Parameters are [E, F, D] / [E, D, F]; checkpoint I/O converts to and from the released
     per-expert keys (``experts.{e}.gate_proj.weight``).
     """
+
+    max_padding = 2.0
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int) -> None:
         super().__init__()
@@ -146,13 +156,20 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * Expert_{idx[t, k]}(x[t]) for every token, dropless. -> [T, D]."""
-        num_tokens, top_k = expert_idx_TK.shape
-        num_experts, hidden = self.gate_proj.shape[0], x_TD.shape[-1]
+        num_experts = self.gate_proj.shape[0]
         # Sort the S = T*K routed slots by expert: each expert's slots become one contiguous group.
         expert_S = expert_idx_TK.reshape(-1)
         slot_sorted_S = torch.argsort(expert_S, stable=True)
         counts_E = torch.bincount(expert_S, minlength=num_experts)
         capacity = int(counts_E.max()) if expert_S.numel() else 0  # dropless: the largest group
+        if num_experts * capacity > (1 + self.max_padding) * expert_S.numel():
+            return self._per_group(x_TD, expert_idx_TK, weights_TK, slot_sorted_S, counts_E)
+        return self._padded(x_TD, expert_idx_TK, weights_TK, slot_sorted_S, counts_E, capacity)
+
+    def _padded(self, x_TD, expert_idx_TK, weights_TK, slot_sorted_S, counts_E, capacity: int) -> torch.Tensor:
+        num_tokens, top_k = expert_idx_TK.shape
+        num_experts, hidden = self.gate_proj.shape[0], x_TD.shape[-1]
+        expert_S = expert_idx_TK.reshape(-1)
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         expert_sorted_S = expert_S[slot_sorted_S]
         row_S = expert_sorted_S * capacity + torch.arange(expert_S.numel(), device=x_TD.device) - starts_E[expert_sorted_S]
@@ -171,6 +188,23 @@ class GroupedExperts(nn.Module):
         y_RD = torch.bmm(h_ECF, self.down_proj.transpose(1, 2)).view(-1, hidden)
         out_TD = x_TD.new_zeros(num_tokens + 1, hidden).index_add(0, token_of_row_R, y_RD)
         return out_TD[:num_tokens]
+
+    def _per_group(self, x_TD, expert_idx_TK, weights_TK, slot_sorted_S, counts_E) -> torch.Tensor:
+        top_k = expert_idx_TK.shape[1]
+        token_S = slot_sorted_S // top_k
+        x_SD = x_TD.index_select(0, token_S)  # one gather, in expert order
+        weights_S1 = weights_TK.reshape(-1).index_select(0, slot_sorted_S)[:, None].to(x_TD.dtype)
+        # unbind once: indexing a parameter per expert would build a full-size gradient each time.
+        gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        pieces, start = [], 0
+        for expert, count in enumerate(counts_E.tolist()):  # a matmul per expert, not per token
+            if count:
+                xe = x_SD[start:start + count]
+                he = F.silu(xe @ gates[expert].T) * (xe @ ups[expert].T) * weights_S1[start:start + count]
+                pieces.append(he @ downs[expert].T)
+                start += count
+        y_SD = torch.cat(pieces) if pieces else x_SD
+        return x_TD.new_zeros(x_TD.shape).index_add(0, token_S, y_SD)
 
 
 def route(router_logits_TE: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

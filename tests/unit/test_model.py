@@ -42,7 +42,9 @@ def test_moe_with_one_expert_and_top1_equals_dense_swiglu():
     torch.testing.assert_close(out, swiglu(x, e.gate_proj[0], e.up_proj[0], e.down_proj[0]))
 
 
-def test_grouped_experts_equal_a_per_expert_loop_outputs_and_gradients():
+@pytest.mark.parametrize("max_padding", [10.0, 0.0], ids=["padded-bmm", "per-group"])
+def test_grouped_experts_equal_a_per_expert_loop_outputs_and_gradients(max_padding, monkeypatch):
+    monkeypatch.setattr(GroupedExperts, "max_padding", max_padding)  # force each path
     torch.manual_seed(0)
     experts = GroupedExperts(num_experts=6, hidden_size=16, ffn_size=12)
     for p in experts.parameters():
@@ -50,6 +52,7 @@ def test_grouped_experts_equal_a_per_expert_loop_outputs_and_gradients():
     x = torch.randn(40, 16, requires_grad=True)
     logits = torch.randn(40, 6)
     logits[:, 5] = -30.0  # an expert that receives no token must work too
+    logits[:, 0] += 2.0  # uneven load, as early in training
     weights, idx = route(logits, top_k=3, normalize=False)
     grouped = experts(x, idx, weights)
     looped = loop_experts(experts, x, idx, weights)
