@@ -112,8 +112,7 @@ def test_openai_client_sees_4xx_errors_naming_the_problem(server):
 def test_sampler_accelerations_pass_through_as_extra_body_fields(server, auth):
     from serve.validation import sampler_extensions
 
-    if sampler_extensions() != {"threshold", "cache", "early_stop"}:
-        pytest.skip("llada_core.generate has no threshold/cache/early_stop yet")
+    assert sampler_extensions() == {"threshold", "cache", "early_stop"}  # generate() accepts all three
     url = f"{server['base_url']}/v1/completions"
     body = {"model": MODEL_NAME, "prompt": "the cat", "max_tokens": 8, "ignore_eos": True,
             "threshold": 0.9, "cache": "dual", "early_stop": True}
