@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs import checkpoints as ckpt
+from jobs import scale_up
 from jobs.stage_config import StageConfig
 from pipelines import storage
 from pipelines.reader import DataError, ingest_execution_options, stage_dataset, train_worker_resources
@@ -45,22 +46,18 @@ def worker_resources(config: StageConfig, cluster: dict[str, float]) -> dict[str
     return resources
 
 
-def run_stage(config: StageConfig, s3: storage.S3Settings | None = None) -> StageRunResult:
-    """Train one stage to ``num_steps`` (resuming if it has checkpoints) and return its checkpoints."""
-    import ray
+def build_trainer(config: StageConfig, resources: dict[str, float], s3: storage.S3Settings | None = None) -> Any:
+    """The stage's ``TorchTrainer`` with ``resources`` per worker (Ray must be up)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.train_loop import train_loop_per_worker
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
-    resources = worker_resources(config, ray.cluster_resources())
     dataset = stage_dataset(config.data_uri, s3)
     filesystem, root = storage.filesystem(config.output_uri, s3)
     if not storage.is_remote(config.output_uri):
         filesystem = None  # a plain path lets Ray Train use its local storage path directly
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"stage": config.model_dump(mode="json"), "s3": s3.model_dump(mode="json") if s3 else None},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
@@ -74,7 +71,17 @@ def run_stage(config: StageConfig, s3: storage.S3Settings | None = None) -> Stag
         datasets={"train": dataset},
         dataset_config=DataConfig(execution_options=ingest_execution_options()),
     )
-    trainer.fit()
+
+
+def run_stage(config: StageConfig, s3: storage.S3Settings | None = None) -> StageRunResult:
+    """Train one stage to ``num_steps`` (resuming if it has checkpoints) and return its checkpoints.
+    On an autoscaling cluster (``LLADA_SCALE_UP_TIMEOUT_S`` set) the cluster grows to the stage first."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    with scale_up.scaled_up(config.scaling, scale_up.timeout_from_env()) as cluster:
+        build_trainer(config, worker_resources(config, cluster), s3).fit()
     return StageRunResult(
         config=config,
         checkpoints=ckpt.list_checkpoints(config.output_uri, s3),
