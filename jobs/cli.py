@@ -1,5 +1,6 @@
 """The `llada` command. One subparser per command; each command lives in its own ``add_*`` /
-``run_*`` pair (data here; run, train, status, eval, generate, submit, demo in jobs/commands.py).
+``run_*`` pair (data here; run, train, status, eval, generate, submit, demo, serve in
+jobs/commands.py; infra in jobs/infra_cli.py).
 
     llada data prepare --output ./runs/demo                 # built-in corpus, tokenizer, shards
     llada data prepare --output s3://bucket/data --source web=s3://bucket/raw/*.jsonl --tokenizer ./tok
@@ -116,8 +117,9 @@ def run_data_prepare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from jobs.commands import COMMANDS as RECIPE_COMMANDS
+    from jobs.infra_cli import add_infra_command
 
-    commands: tuple[Callable[[Any], None], ...] = (add_data_command, *RECIPE_COMMANDS)
+    commands: tuple[Callable[[Any], None], ...] = (add_data_command, *RECIPE_COMMANDS, add_infra_command)
     parser = argparse.ArgumentParser(prog="llada", description="Train and serve LLaDA-MoE on Ray.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in commands:
