@@ -17,9 +17,10 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from jobs.stage_config import FaultInjection, ModelSpec, OptimizerSpec, ScalingSpec, ScheduleSpec, StageConfig, Strict
+from jobs.stage_config import (FaultInjection, ModelSpec, OptimizerSpec, ScalingSpec, ScheduleSpec, StageConfig, Strict,
+                               absolute_uri)
 from pipelines import storage
 from pipelines.mixture import MixtureSpec
 from pipelines.prepare import DataSpec
@@ -63,6 +64,11 @@ class Recipe(Strict):
     scaling: ScalingSpec = ScalingSpec()
     serve: dict[str, Any] | None = None  # a serve config (serve/config.py), used by `llada serve`
     seed: int = 0
+
+    @field_validator("storage_uri")
+    @classmethod
+    def _absolute(cls, uri: str) -> str:
+        return absolute_uri(uri)  # `./runs` means the folder where the recipe is loaded
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":

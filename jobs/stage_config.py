@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llada_core.config import LLaDAMoEConfig, preset
+from pipelines import storage
 
 
 class Strict(BaseModel):
@@ -98,6 +99,11 @@ class StageConfig(Strict):
     seed: int = 0
     fault_injection: FaultInjection | None = None
 
+    @field_validator("data_uri", "output_uri", "tokenizer_uri", "init_from")
+    @classmethod
+    def _absolute(cls, uri: str | None) -> str | None:
+        return None if uri is None else absolute_uri(uri)
+
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
         config = self.model_config_resolved()  # raises with the field path on a bad model
@@ -126,3 +132,12 @@ class StageConfig(Strict):
             return self.model.build_config(**stage_overrides)
         except ValueError as error:
             raise ValueError(f"model: {error}") from error
+
+
+def absolute_uri(uri: str) -> str:
+    """``storage.absolute`` for a validator: a relative path becomes absolute here, in the
+    driver, because Ray Train workers run in another directory."""
+    try:
+        return storage.absolute(uri)
+    except storage.StorageError as error:
+        raise ValueError(str(error)) from None

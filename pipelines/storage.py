@@ -105,6 +105,13 @@ def parse_uri(uri: str) -> Location:
     raise StorageError(f"storage URI {uri!r}: unsupported scheme {parsed.scheme!r}; use a path, file:// or s3://")
 
 
+def absolute(uri: str) -> str:
+    """A relative local path made absolute against this process's working directory (an s3://
+    URI is returned as is). Configs that travel to Ray workers hold absolute paths: a Ray Train
+    worker runs in another directory, where ``./runs`` would name another folder."""
+    return parse_uri(uri).uri if parse_uri(uri).scheme == "file" else uri
+
+
 def join(uri: str, *parts: str) -> str:
     """``join("s3://b/run", "shards", "x.parquet")`` -> ``"s3://b/run/shards/x.parquet"``."""
     base = uri.rstrip("/")

@@ -116,3 +116,20 @@ def test_serve_with_a_recipe_needs_a_finished_run(capsys, tmp_path):
     recipe_copy.write_text(path.read_text().replace("storage_uri: ./runs", f"storage_uri: {tmp_path}"))
     assert main(["serve", str(recipe_copy), "--print-config"]) == 2
     assert "no selection record" in capsys.readouterr().err
+
+
+def test_relative_local_paths_become_absolute_where_the_recipe_is_loaded(tmp_path, monkeypatch):
+    """Ray Train workers run in another directory: `./runs` must already name the driver's folder,
+    or checkpoint records land in the worker's directory (the demo lost its checkpoints so)."""
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(next(p for p in RECIPES if p.name == "tiny-cpu.yaml").read_text())
+    recipe = Recipe.model_validate({**raw, "storage_uri": "./runs"})
+    assert recipe.storage_uri == str(tmp_path / "runs")
+    config = recipe.stage_config("sft", data_uri="data/sft", output_uri="out", tokenizer_uri="tok",
+                                 init_from="ckpt/hf")
+    assert [config.data_uri, config.output_uri, config.tokenizer_uri, config.init_from] == [
+        str(tmp_path / name) for name in ("data/sft", "out", "tok", "ckpt/hf")]
+    remote = Recipe.model_validate({**raw, "storage_uri": "s3://bucket/runs"})
+    assert remote.storage_uri == "s3://bucket/runs"
+    with pytest.raises(ValueError, match="unsupported scheme"):
+        Recipe.model_validate({**raw, "storage_uri": "ftp://host/runs"})
