@@ -88,10 +88,16 @@ def add_run_command(subparsers: Any) -> None:
 def run_run(args: argparse.Namespace) -> int:
     from jobs.dag import run_recipe, run_status
 
+    from pipelines.storage import StorageError
+
     recipe = load(args)
     _start_ray(args)
     s3 = _s3()
-    run_recipe(recipe, s3, only_stage=args.stage, progress=lambda line: print(line, flush=True))
+    try:
+        run_recipe(recipe, s3, only_stage=args.stage, progress=lambda line: print(line, flush=True))
+    except (ValueError, StorageError) as error:
+        print(f"llada {args.command}: {error}", file=sys.stderr)
+        return 1
     print()
     print(status_table(run_status(recipe, s3)))
     return 0
@@ -174,14 +180,20 @@ def add_submit_command(subparsers: Any) -> None:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from jobs.submit import follow_job, submit_recipe
+    from jobs.submit import follow_job, submission_problem, submit_recipe
 
     load(argparse.Namespace(recipe=args.recipe, set=args.set))  # validate before shipping anything
-    job_id = submit_recipe(args.address, args.recipe, stage=args.stage, overrides=args.set,
-                           working_dir=args.working_dir, python=args.python)
-    print(f"submitted job {job_id} to {args.address}")
+    try:
+        job_id = submit_recipe(args.address, args.recipe, stage=args.stage, overrides=args.set,
+                               working_dir=args.working_dir, python=args.python)
+    except Exception as error:  # Ray's client raises plain exceptions for refused connections and auth
+        print(f"llada submit: could not submit to {args.address}: {submission_problem(error)}", file=sys.stderr)
+        return 1
+    print(f"submitted job {job_id} to {args.address}", flush=True)
     if args.follow:
-        return 0 if follow_job(args.address, job_id) == "SUCCEEDED" else 1
+        status = follow_job(args.address, job_id)
+        print(f"job {job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
     return 0
 
 

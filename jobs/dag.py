@@ -100,7 +100,9 @@ def run_recipe(recipe: Recipe, s3: storage.S3Settings | None = None, only_stage:
                progress: Callable[[str], None] = print) -> list[StageOutcome]:
     """Run the recipe's stages in order (or just ``only_stage``, whose inputs must be done)."""
     if only_stage is not None:
-        recipe.stage(only_stage)  # a clear error for an unknown name
+        init_from = recipe.stage(only_stage).init_from  # a clear error for an unknown name
+        if init_from is not None:
+            read_selection(recipe, init_from.stage, s3)  # its input must be done: fail before any work
     storage.write_json(storage.join(recipe.run_uri, "recipe.json"), recipe.model_dump(mode="json"), s3)
     prepared = prepare_data(recipe, s3, progress)
     outcomes = []

@@ -40,6 +40,15 @@ def submit_recipe(address: str, recipe: str, stage: str | None = None, overrides
     )
 
 
+def submission_problem(error: Exception) -> str:
+    """One line saying what went wrong talking to the cluster, with the fix for a missing token."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "authentication" in str(error).lower() or "token" in str(error).lower():
+        return (f"{text} (the cluster uses token auth: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or "
+                f"RAY_AUTH_TOKEN_PATH, to the cluster's token)")
+    return text
+
+
 def follow_job(address: str, job_id: str, timeout_s: float | None = None) -> str:
     """Stream the job's logs to stdout until it ends; returns its final status."""
     from ray.job_submission import JobSubmissionClient
