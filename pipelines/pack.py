@@ -252,10 +252,19 @@ def run_pack_job(config: PackConfig, s3: storage.S3Settings | None = None) -> di
     task_config = {"seq_len": config.seq_len, "rows_per_shard": config.rows_per_shard, "eos_id": ids.eos,
                    "output_uri": config.output_uri, "one_thread_per_task": True}
     tokenizer_ref = ray.put(tokenizer.backend_tokenizer.to_str())
-    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map(
-        process_unit, fn_kwargs={"config": task_config, "tokenizer_ref": tokenizer_ref,
-                                 "s3": settings.model_dump()}, num_cpus=1)
-    rows = dataset.take_all()
+    context = ray.data.DataContext.get_current()
+    reservation = context.op_resource_reservation_enabled
+    # One map operator and nothing downstream to reserve CPUs for: with reservation on, Ray Data
+    # keeps part of the cluster back and runs about one task at a time on 2 CPUs (measured: the
+    # same 24 tasks took 1.38 s with it, 0.86 s without; plain Ray tasks 0.79 s).
+    context.op_resource_reservation_enabled = False
+    try:
+        dataset = ray.data.from_items(units, override_num_blocks=len(units)).map(
+            process_unit, fn_kwargs={"config": task_config, "tokenizer_ref": tokenizer_ref,
+                                     "s3": settings.model_dump()}, num_cpus=1)
+        rows = dataset.take_all()
+    finally:
+        context.op_resource_reservation_enabled = reservation
     failures = sorted((row for row in rows if row["error"]), key=lambda r: r["index"])
     if failures:
         raise PackError("cannot pack; fix or remove these input files:\n" +
