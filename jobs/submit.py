@@ -14,6 +14,7 @@ import time
 # Never shipped to the cluster: environments, run outputs, VCS data.
 WORKING_DIR_EXCLUDES = [".venv", "runs", ".git", "*.egg-info", "__pycache__", ".pytest_cache"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 60  # how long a submission waits for a freshly started head's job agent
 
 
 def entrypoint(recipe: str, stage: str | None, overrides: list[str], python: str) -> str:
@@ -32,12 +33,20 @@ def submit_recipe(address: str, recipe: str, stage: str | None = None, overrides
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    return client.submit_job(
-        entrypoint=entrypoint(recipe, stage, overrides or [], python),
-        runtime_env={"working_dir": working_dir, "excludes": WORKING_DIR_EXCLUDES},
-        entrypoint_num_cpus=0,  # the driver must not take a CPU the trainers need
-        metadata={"llada.recipe": recipe, "llada.stage": stage or "all"},
-    )
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint(recipe, stage, overrides or [], python),
+                runtime_env={"working_dir": working_dir, "excludes": WORKING_DIR_EXCLUDES},
+                entrypoint_num_cpus=0,  # the driver must not take a CPU the trainers need
+                metadata={"llada.recipe": recipe, "llada.stage": stage or "all"},
+            )
+        except RuntimeError as error:
+            # A head that has just started serves its dashboard before its job agent is up.
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def submission_problem(error: Exception) -> str:

@@ -60,12 +60,28 @@ def ray_head(tmp_path_factory) -> Iterator[dict]:
             head.kill()
             pytest.fail(f"the Ray head did not start (exit {head.poll()}); logs under {temp_dir}")
         time.sleep(1)
+    wait_for_a_job_to_run(address, token, head, temp_dir)
     yield {"address": address, "auth_env": auth_env}
     os.killpg(head.pid, signal.SIGTERM)  # --block stops the head's processes on SIGTERM
     try:
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+
+
+def wait_for_a_job_to_run(address: str, token: str, head: subprocess.Popen, temp_dir: str) -> None:
+    """The dashboard answers before the head's job agent takes jobs: run `true` as a job first."""
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + 180
+    job_id = None
+    while time.monotonic() < deadline and head.poll() is None:
+        if job_id is None:
+            reply = requests.post(f"{address}/api/jobs/", json={"entrypoint": "true"}, headers=headers, timeout=10)
+            job_id = reply.json().get("job_id") if reply.status_code == 200 else None
+        elif requests.get(f"{address}/api/jobs/{job_id}", headers=headers, timeout=10).json()["status"] == "SUCCEEDED":
+            return
+        time.sleep(1)
+    pytest.fail(f"the Ray head at {address} ran no job within 180 s; logs under {temp_dir}")
 
 
 def llada(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
