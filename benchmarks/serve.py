@@ -2,6 +2,8 @@
 16 concurrent clients, with dynamic batching (max_batch_size 16) and without (1), in one run.
 
 Run: .venv/bin/python benchmarks/serve.py [--model micro|tiny] [--max-tokens 64] [--requests 48]
+     .venv/bin/python benchmarks/serve.py --cache dual   # the sampler's KV cache, as the shipped
+                                                        # serve configs deploy it (both modes)
      .venv/bin/python benchmarks/serve.py --generate-only   # no Serve: generate() by batch size,
                                                            # and batched == alone, on CUDA if present
 
@@ -70,13 +72,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def deploy(checkpoint: str, port: int, name: str, max_batch_size: int, batch_wait_s: float) -> str:
+def deploy(checkpoint: str, port: int, name: str, max_batch_size: int, batch_wait_s: float,
+           cache: str | None = None) -> str:
     """Deploy one app under /{name}; returns its base URL."""
     from serve.app import run
     from serve.config import AppArgs
 
     run(AppArgs.model_validate({"checkpoint": checkpoint, "config": {
-        "model_name": "bench", "port": port, "request_timeout_s": 600,
+        "model_name": "bench", "port": port, "request_timeout_s": 600, "sampling": {"cache": cache},
         "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_s},
         "replica": {"num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 32, "max_queued_requests": -1},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}), name=name, route_prefix=f"/{name}")
@@ -159,6 +162,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=48, help="requests per measurement")
     parser.add_argument("--batch-wait", type=float, default=0.05, help="batching.batch_wait_timeout_s")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--cache", choices=["prefix", "dual"],
+                        help="the sampler's KV cache for both modes (serve config sampling.cache; default none)")
     parser.add_argument("--generate-only", action="store_true", help="measure generate() alone (see above)")
     args = parser.parse_args()
     if args.generate_only:
@@ -177,7 +182,7 @@ def main() -> int:
         port = free_port()
         # Both apps are up at once (one replica each) and measured alternately, so that the
         # other work on a shared machine weighs on both modes alike.
-        bases = {mode: deploy(checkpoint, port, name, max_batch_size, args.batch_wait)
+        bases = {mode: deploy(checkpoint, port, name, max_batch_size, args.batch_wait, args.cache)
                  for mode, name, max_batch_size in (("batching", "batched", 16), ("no batching", "unbatched", 1))}
         for base in bases.values():
             measure(base, 4, 8, args.max_tokens, args.block_length)  # warm-up
@@ -187,7 +192,7 @@ def main() -> int:
             for mode, base in bases.items():
                 num_requests = max(args.requests if clients > 1 else args.requests // 4, clients)
                 seen = len(samplers[mode].batch_sizes.remote().result())
-                row = {"mode": mode, "model": args.model, "max_tokens": args.max_tokens,
+                row = {"mode": mode, "model": args.model, "max_tokens": args.max_tokens, "cache": args.cache,
                        "block_length": args.block_length,
                        **measure(base, clients, num_requests, args.max_tokens, args.block_length)}
                 sizes = samplers[mode].batch_sizes.remote().result()[seen:]
@@ -206,7 +211,7 @@ def main() -> int:
 def print_summary(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.2f}; model {args.model}, {args.max_tokens} tokens/request, "
-          f"block_length {args.block_length}")
+          f"block_length {args.block_length}, cache {args.cache or 'none'}")
     print("| mode | clients | requests | tokens/s | p50 latency s | p99 latency s | mean batch | model busy |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
