@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +44,12 @@ def ray_head(tmp_path_factory) -> Iterator[dict]:
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--ray-client-server-port={free_port()}", "--min-worker-port=21000", "--max-worker-port=21999",
+         # Every port of its own: the session's Ray instance already holds the defaults (a second
+         # dashboard agent on 52365 fails to bind, and the head then never takes a job).
+         *(f"--{name}={free_port()}" for name in (
+             "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")),
+         "--min-worker-port=21000", "--max-worker-port=21999",
          "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env={**os.environ, **auth_env}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -67,6 +73,7 @@ def ray_head(tmp_path_factory) -> Iterator[dict]:
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def wait_for_a_job_to_run(address: str, token: str, head: subprocess.Popen, temp_dir: str) -> None:
@@ -75,11 +82,15 @@ def wait_for_a_job_to_run(address: str, token: str, head: subprocess.Popen, temp
     deadline = time.monotonic() + 180
     job_id = None
     while time.monotonic() < deadline and head.poll() is None:
-        if job_id is None:
-            reply = requests.post(f"{address}/api/jobs/", json={"entrypoint": "true"}, headers=headers, timeout=10)
-            job_id = reply.json().get("job_id") if reply.status_code == 200 else None
-        elif requests.get(f"{address}/api/jobs/{job_id}", headers=headers, timeout=10).json()["status"] == "SUCCEEDED":
-            return
+        try:  # the first submission can block while the head starts its job agent
+            if job_id is None:
+                reply = requests.post(f"{address}/api/jobs/", json={"entrypoint": "true"}, headers=headers,
+                                      timeout=60)
+                job_id = reply.json().get("job_id") if reply.status_code == 200 else None
+            elif requests.get(f"{address}/api/jobs/{job_id}", headers=headers, timeout=30).json()["status"] == "SUCCEEDED":
+                return
+        except requests.RequestException:
+            pass
         time.sleep(1)
     pytest.fail(f"the Ray head at {address} ran no job within 180 s; logs under {temp_dir}")
 
