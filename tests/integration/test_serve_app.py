@@ -194,22 +194,24 @@ def fuzz_operation(operation, mode, base: str, session, auth: dict, statuses: li
 
 
 def test_overload_answers_503_and_the_server_recovers(server, auth):
-    """6 running + 16 queued requests fit (max_ongoing_requests, max_queued_requests); 48 at
+    """6 running + 16 queued requests fit (max_ongoing_requests, max_queued_requests); 96 at
     once overflow that by far and the rest are refused with 503 and Retry-After, not queued for
     ever. (A tiny queue made the other tests flaky: a replica slow to take requests on a busy
-    2-CPU machine got requests refused that should have waited.)"""
+    2-CPU machine got requests refused that should have waited.) Requests that finish while the
+    burst is still arriving free their places, so fewer than 96 - 22 may be refused (a burst of
+    48 once saw only 13 refusals in CI, where the proxy and the replica share 2 CPUs)."""
     url = f"{server['base_url']}/v1/completions"
     body = {"model": MODEL_NAME, "prompt": "the cat", "max_tokens": 32, "block_length": 32, "steps": 32}
 
     def send(_):
-        response = requests.post(url, json=body, headers=auth, timeout=120)
+        response = requests.post(url, json=body, headers=auth, timeout=180)
         return response.status_code, response.headers.get("retry-after"), response.json()
 
-    with concurrent.futures.ThreadPoolExecutor(48) as pool:
-        results = list(pool.map(send, range(48)))
+    with concurrent.futures.ThreadPoolExecutor(96) as pool:
+        results = list(pool.map(send, range(96)))
     codes = sorted(code for code, _, _ in results)
     assert set(codes) <= {200, 503}, codes
-    assert codes.count(503) >= 20, codes
+    assert codes.count(503) >= 16, codes
     assert codes.count(200) >= 4, codes
     refused = next(result for result in results if result[0] == 503)
     assert refused[1] == "1" and refused[2]["error"]["code"] == "overloaded"
