@@ -32,6 +32,7 @@ import yaml
 from jobs.recipe import Recipe
 from jobs.scale_up import SCALE_UP_TIMEOUT_ENV
 from jobs.stage_config import ScalingSpec
+from jobs.submit import run_arguments
 from serve.config import AppArgs, ServeConfig, load_serve_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -137,10 +138,7 @@ def recipe_in_image(recipe_path: str) -> str:
 def run_command(recipe_ref: str, stage: str | None, overrides: list[str]) -> str:
     """The job's entrypoint: ``llada run`` (the image's own console script, so no other
     interpreter can be picked up) with the same overrides the manifest was rendered with."""
-    argv = ["llada", "run", recipe_ref, *(["--stage", stage] if stage else [])]
-    for override in overrides:
-        argv += ["--set", override]
-    return shlex.join(argv)
+    return shlex.join(["llada", *run_arguments(recipe_ref, stage, overrides)])
 
 
 def uses_s3(values: Any) -> bool:

@@ -17,15 +17,18 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 60  # how long a submission waits for a freshly started head's job agent
 
 
+def run_arguments(recipe: str, stage: str | None, overrides: list[str]) -> list[str]:
+    """``run RECIPE [--stage NAME] [--set KEY=VALUE ...]``: the `llada` arguments of a job."""
+    argv = ["run", recipe, *(["--stage", stage] if stage else [])]
+    for override in overrides:
+        argv += ["--set", override]
+    return argv
+
+
 def entrypoint(recipe: str, stage: str | None, overrides: list[str], python: str) -> str:
     """The job's command: this project's CLI under an explicit interpreter (plain `python` may
     resolve to another interpreter on the cluster)."""
-    argv = [python, "-m", "jobs.cli", "run", recipe]
-    if stage:
-        argv += ["--stage", stage]
-    for override in overrides:
-        argv += ["--set", override]
-    return shlex.join(argv)
+    return shlex.join([python, "-m", "jobs.cli", *run_arguments(recipe, stage, overrides)])
 
 
 def submit_recipe(address: str, recipe: str, stage: str | None = None, overrides: list[str] | None = None,
