@@ -126,6 +126,8 @@ def record(result: dict, path: Path) -> None:
         before, _, after = text.partition("\n## Tokenize\n")
         following = after.find("\n## ")
         text = before + (after[following:] if following >= 0 else "")
+    # The default process's time as a share of the one-thread process's (the tokenizers' threads).
+    threaded_share = result["single_s"] / (result["tokens"] / result["single_one_thread_tokens_per_s"])
     lines = [
         "", "## Tokenize", "",
         f"`benchmarks/tokenize_bench.py` on {result['machine']}: {result['files']} JSON-lines files, "
@@ -146,9 +148,9 @@ def record(result: dict, path: Path) -> None:
         "",
         f"Ceiling on this machine: the one-thread process spends about 75% of its time in `encode_batch` "
         f"(cProfile), and the default process already runs that part on both cores through the tokenizers "
-        f"library's threads (here it takes {result['single_s'] / (result['tokens'] / result['single_one_thread_tokens_per_s']):.2f} "
-        f"of the one-thread time). A Ray job on 2 CPUs can at best halve the one-thread time, so against the "
-        f"default process it tops out near {(result['single_s'] / (result['tokens'] / result['single_one_thread_tokens_per_s'])) * 2:.2f}x "
+        f"library's threads (here it takes {threaded_share:.2f} of the one-thread time). A Ray job on 2 CPUs "
+        f"can at best halve the one-thread time, so against the default process it tops out near "
+        f"{threaded_share * 2:.2f}x "
         f"with zero overhead: the 1.5x bar needs more CPUs than the tokenizer's own threads can use, or a "
         f"one-thread baseline.",
         "",

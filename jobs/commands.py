@@ -87,7 +87,6 @@ def add_run_command(subparsers: Any) -> None:
 
 def run_run(args: argparse.Namespace) -> int:
     from jobs.dag import run_recipe, run_status
-
     from pipelines.storage import StorageError
 
     recipe = load(args)

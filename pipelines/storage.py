@@ -109,7 +109,8 @@ def absolute(uri: str) -> str:
     """A relative local path made absolute against this process's working directory (an s3://
     URI is returned as is). Configs that travel to Ray workers hold absolute paths: a Ray Train
     worker runs in another directory, where ``./runs`` would name another folder."""
-    return parse_uri(uri).uri if parse_uri(uri).scheme == "file" else uri
+    location = parse_uri(uri)
+    return location.uri if location.scheme == "file" else uri
 
 
 def join(uri: str, *parts: str) -> str:
