@@ -48,12 +48,13 @@ def sample_answers(checkpoint_uri: str, prompts: list[str], chat: bool = True, g
     return answers
 
 
-def demo_prompts(recipe: Recipe, count: int = 4, s3: storage.S3Settings | None = None) -> list[dict[str, str]]:
-    """A few held-out questions with their answers, from the demo eval sets."""
+def demo_prompts(recipe: Recipe, per_task: int = 2, s3: storage.S3Settings | None = None) -> list[dict[str, str]]:
+    """A few held-out questions with their answers, from the demo eval sets: reading (what the
+    tiny model learns in the demo's budget) and arithmetic and counting (what it does not)."""
     rows = []
-    for task in ("gen_arithmetic", "gen_counting"):
+    for task in ("gen_reading", "gen_arithmetic", "gen_counting"):
         uri = storage.join(corpus_uri(recipe), "eval", f"{task}.jsonl")
-        items = [json.loads(line) for line in storage.read_text(uri, s3).splitlines()[: count // 2]]
+        items = [json.loads(line) for line in storage.read_text(uri, s3).splitlines()[:per_task]]
         rows += [{"question": item["messages"][-1]["content"], "expected": item["chat_answer"]} for item in items]
     return rows
 

@@ -56,6 +56,10 @@ class ScalingSpec(Strict):
     # Ray Data's read tasks take 1 CPU each; with less left free, ingest waits for ever.
     data_cpus: float = Field(1.0, ge=1.0)
     max_failures: int = Field(1, ge=0)
+    # torch intra-op threads per worker; None keeps Ray's setting (one per whole CPU the worker
+    # holds). More threads than CPUs pays off on CPU-only runs where Ray Data only streams a
+    # stage's already materialised rows and leaves its reserved CPU idle (the tiny-cpu recipe).
+    torch_threads: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "ScalingSpec":

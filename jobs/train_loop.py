@@ -138,11 +138,25 @@ def maybe_inject_fault(config: StageConfig, step: int, rank: int, s3: storage.S3
     raise InjectedFault(f"fault injection: worker {rank} crashes before step {step}")
 
 
+def trim_sft_batch(input_ids: torch.Tensor, maskable: torch.Tensor,
+                   num_tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """SFT rows are stored EOS-padded to the shards' seq_len; LLADA_SPEC section 4 pads each
+    response with EOS to the *batch's* length. Cut the columns past the batch's longest row
+    (its ``num_tokens`` counts prompt, response and one EOS), so every row keeps at least one
+    EOS and no step computes on padding that no row needs."""
+    length = int(np.max(num_tokens))
+    if not 0 < length <= input_ids.shape[1]:
+        raise ValueError(f"num_tokens: a row of {length} tokens in a batch of length {input_ids.shape[1]}")
+    return input_ids[:, :length], maskable[:, :length]
+
+
 def train_step(engine: Any, batch: dict[str, np.ndarray], config: StageConfig, generator: torch.Generator) -> dict[str, Any]:
     """One micro-batch: forward process, model, Eq. 2 or Eq. 5 plus aux losses, backward, step."""
     model_config = engine.module.config
     input_ids = torch.from_numpy(batch["input_ids"])
     maskable = torch.from_numpy(batch["loss_mask"]) if config.kind == "sft" else None
+    if maskable is not None:
+        input_ids, maskable = trim_sft_batch(input_ids, maskable, batch["num_tokens"])
     if config.max_seq_len is not None:
         input_ids = input_ids[:, : config.max_seq_len]
         maskable = maskable[:, : config.max_seq_len] if maskable is not None else None
@@ -215,6 +229,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     s3 = storage.S3Settings.model_validate(loop_config["s3"]) if loop_config.get("s3") else None
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if config.scaling.torch_threads is not None:
+        torch.set_num_threads(config.scaling.torch_threads)
     deepspeed.init_distributed(dist_backend="nccl" if config.scaling.use_gpu else "gloo", verbose=False)
     model = enable_expert_parallel(build_model(config, s3), config.scaling.expert_parallel_size)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, config.optimizer.weight_decay),

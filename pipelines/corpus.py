@@ -43,6 +43,10 @@ class CorpusSpec(BaseModel):
     num_anneal_docs: int = Field(1500, ge=1)
     num_sft_chats: int = Field(2000, ge=1)
     num_eval_items: int = Field(200, ge=1, description="items per eval task")
+    sft_reading_fraction: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "share of chat turns that are reading questions (the held-out generation task the demo's "
+        "SFT checkpoint is judged on); the rest split evenly over arithmetic, counting, code and "
+        "sequences"))
     files_per_split: int = Field(4, ge=1)
     noisy_text_fraction: float = Field(0.15, ge=0.0, le=1.0)
 
@@ -64,6 +68,14 @@ def _train_equation(rng: random.Random) -> str:
         op, a, b = world.draw_arithmetic(rng)
         if not world.is_heldout(world.arithmetic_key(op, a, b)):
             return world.equation(op, a, b)
+
+
+def _train_reading(rng: random.Random) -> tuple[str, str, str]:
+    """(passage, question, answer) about a training scene fact."""
+    while True:
+        key, passage, question, answer = world.reading_question(rng)
+        if not world.is_heldout(key):
+            return passage, question, answer
 
 
 def _train_sequence(rng: random.Random) -> tuple[int, int]:
@@ -101,31 +113,36 @@ def code_document(rng: random.Random) -> str:
 
 
 def anneal_document(rng: random.Random) -> str:
-    """Curated mix: clean stories, an equation block and a program, no noisy text."""
+    """Curated mix: clean stories, a worked reading question, an equation block and a program,
+    no noisy text."""
     story = _train_item(rng, world.counting_story)[1]
     scene = _train_item(rng, rng.choice(world.TEXT_GENERATORS))[1]
+    reading = " ".join(_train_reading(rng))
     equations = "\n".join(_train_equation(rng) for _ in range(rng.randint(3, 6)))
     program = _train_item(rng, world.code_snippet)[1]
-    return f"{story} {scene}\n{equations}\n{program}".rstrip("\n")
+    return f"{story} {scene} {reading}\n{equations}\n{program}".rstrip("\n")
 
 
-def _chat_turn(rng: random.Random) -> tuple[str, str, int | None]:
-    """One (question, answer, numeric result or None) exchange from the training keys."""
+def _chat_turn(rng: random.Random, reading_fraction: float) -> tuple[str, str, str]:
+    """One (kind, question, answer) exchange from the training keys."""
+    if rng.random() < reading_fraction:
+        passage, question, answer = _train_reading(rng)
+        return "reading", f"{passage} {question}", answer
     kind = rng.choice(("arith", "count", "code", "sequence"))
     if kind == "arith":
         while True:
             op, a, b = world.draw_arithmetic(rng)
             if not world.is_heldout(world.arithmetic_key(op, a, b)):
-                return f"what is {a}{op}{b}?", world.equation(op, a, b), world.evaluate(op, a, b)
+                return kind, f"what is {a}{op}{b}?", world.equation(op, a, b)
     if kind == "count":
         key, text, parts = _train_item(rng, world.counting_story)
-        return count_question(key, parts["prompt"]), text.split(" now ")[-1], int(parts["answer"])
+        return kind, count_question(key, parts["prompt"]), text.split(" now ")[-1]
     if kind == "code":
         _, text, parts = _train_item(rng, world.code_snippet)
-        return f"what does this print?\n{parts['prompt'].split('# output:')[0].rstrip()}", parts["answer"], None
+        return kind, f"what does this print?\n{parts['prompt'].split('# output:')[0].rstrip()}", parts["answer"]
     start, step = _train_sequence(rng)
-    return (f"continue the sequence: {world.sequence_line(start, step, 3)}",
-            world.sequence_line(start + 3 * step, step, 3), None)
+    return (kind, f"continue the sequence: {world.sequence_line(start, step, 3)}",
+            world.sequence_line(start + 3 * step, step, 3))
 
 
 def count_question(key: tuple, story_prefix: str) -> str:
@@ -135,24 +152,25 @@ def count_question(key: tuple, story_prefix: str) -> str:
     return f"{story} how many {world.plural(thing, 2)} does {name} have now?"
 
 
-def chat_conversation(rng: random.Random) -> list[dict[str, str]]:
-    """Single-turn (60%) or multi-turn chats; a follow-up turn builds on the previous answer."""
+def chat_conversation(rng: random.Random, reading_fraction: float = 0.5) -> list[dict[str, str]]:
+    """A single-turn chat, or (for 40% of arithmetic questions) a multi-turn one whose follow-ups
+    build on the previous answer (``and plus 4?``). Short on purpose: an SFT batch is as long as
+    its longest row (LLADA_SPEC section 4), so a few long chats would set the cost of most steps."""
     messages: list[dict[str, str]] = []
-    if rng.random() < 0.3:
+    if rng.random() < 0.2:
         messages.append({"role": "system", "content": SYSTEM_PROMPT})
-    question, answer, result = _chat_turn(rng)
+    kind, question, answer = _chat_turn(rng, reading_fraction)
     messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    for _ in range(0 if rng.random() < 0.6 else rng.randint(1, 2)):
-        if result is not None and 0 <= result <= world.ADD_MAX and rng.random() < 0.6:
-            extra = rng.randint(1, 9)
-            if world.is_heldout(world.arithmetic_key("+", result, extra)):
-                continue
-            messages += [{"role": "user", "content": f"and plus {extra}?"},
-                         {"role": "assistant", "content": world.equation("+", result, extra)}]
-            result += extra
-        else:
-            question, answer, result = _chat_turn(rng)
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    if kind != "arith" or rng.random() >= 0.4:
+        return messages
+    result = int(answer.rsplit("=", 1)[1])
+    for _ in range(rng.randint(1, 2)):
+        extra = rng.randint(1, 9)
+        if result > world.ADD_MAX or world.is_heldout(world.arithmetic_key("+", result, extra)):
+            break
+        messages += [{"role": "user", "content": f"and plus {extra}?"},
+                     {"role": "assistant", "content": world.equation("+", result, extra)}]
+        result += extra
     return messages
 
 
@@ -164,7 +182,7 @@ def generate_split(spec: CorpusSpec, split: str) -> list[dict[str, Any]]:
         "math": (spec.num_math_docs, lambda: math_document(rng)),
         "code": (spec.num_code_docs, lambda: code_document(rng)),
         "anneal": (spec.num_anneal_docs, lambda: anneal_document(rng)),
-        "chat": (spec.num_sft_chats, lambda: chat_conversation(rng)),
+        "chat": (spec.num_sft_chats, lambda: chat_conversation(rng, spec.sft_reading_fraction)),
     }
     if split not in makers:
         raise ValueError(f"split: unknown demo split {split!r}; choose one of {sorted(makers)}")

@@ -5,7 +5,7 @@ Record shapes (one JSON object per line in ``eval/{task}.jsonl``):
 - ``kind: "generate"`` (exact match): ``prompt`` (raw text for a base model), ``answer``,
   ``stop`` (cut the generation at the first of these strings or at EOS, strip, then compare with
   ``answer``), and ``messages`` / ``chat_answer`` for the same item asked of a chat model
-  (compare: ``chat_answer`` must appear in the reply).
+  (the reply, cut at end-of-turn and stripped, must equal ``chat_answer``).
 - ``kind: "choice"`` (multiple choice by likelihood): ``prompt``, ``choices``, ``answer_index``.
 - ``kind: "text"`` (held-out text for an ELBO bound): ``text``.
 """
@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from pipelines import demo_world as world
 
-EVAL_TASKS = ("gen_arithmetic", "gen_counting", "gen_code", "choice_arithmetic", "choice_counting",
+EVAL_TASKS = ("gen_reading", "gen_arithmetic", "gen_counting", "gen_code", "choice_arithmetic", "choice_counting",
               "choice_grammar", "heldout_text", "heldout_math")
 
 
@@ -76,7 +76,12 @@ def generation_tasks(rng: random.Random, count: int) -> dict[str, list[dict[str,
         code.append({"prompt": parts["prompt"], "answer": parts["answer"], "stop": ["\n"],
                      "messages": [{"role": "user", "content": f"what does this print?\n{source}"}],
                      "chat_answer": parts["answer"]})
-    return {"gen_arithmetic": arithmetic, "gen_counting": counting, "gen_code": code}
+    reading = [
+        {"prompt": f"{passage} {question}", "answer": answer.rstrip("."), "stop": [".", "\n"],
+         "messages": [{"role": "user", "content": f"{passage} {question}"}], "chat_answer": answer}
+        for _, passage, question, answer in _heldout_items(rng, world.reading_question, count)
+    ]
+    return {"gen_reading": reading, "gen_arithmetic": arithmetic, "gen_counting": counting, "gen_code": code}
 
 
 def choice_tasks(rng: random.Random, count: int) -> dict[str, list[dict[str, Any]]]:

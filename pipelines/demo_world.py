@@ -82,12 +82,30 @@ def counting_story(rng: random.Random) -> tuple[tuple, str, dict]:
 
 
 def scene_sentence(rng: random.Random) -> tuple[tuple, str]:
-    """``the red fox sleeps in the barn.`` / ``carol sees the red fox in the barn.``"""
+    """``the red fox sleeps in the barn.`` / ``carol sees the red fox in the barn.``
+
+    The key is the scene's fact (who does what where), not the onlooker's name: a held-out fact
+    never occurs in training text, so a reading question about it (``reading_question``) can
+    only be answered from its passage."""
     color, animal, action, place, name = (rng.choice(COLORS), rng.choice(ANIMALS), rng.choice(ACTIONS),
                                           rng.choice(PLACES), rng.choice(NAMES))
     first = f"the {color} {animal} {action} in the {place}."
     second = f"{name} sees the {color} {animal} in the {place}."
-    return ("scene", color, animal, action, place, name), f"{first} {second}"
+    return scene_key(color, animal, action, place), f"{first} {second}"
+
+
+def scene_key(color: str, animal: str, action: str, place: str) -> tuple:
+    return ("scene", color, animal, action, place)
+
+
+def reading_question(rng: random.Random) -> tuple[tuple, str, str, str]:
+    """Reading comprehension: ``(key, passage, question, answer)``, e.g. ``the red fox sleeps in
+    the barn.`` / ``where does the red fox sleep?`` / ``in the barn.`` The answer is copied out
+    of the passage (one of 8 places, so guessing scores 1/8); the key is the passage's scene fact."""
+    color, animal, action, place = rng.choice(COLORS), rng.choice(ANIMALS), rng.choice(ACTIONS), rng.choice(PLACES)
+    verb = action[:-1]  # sleeps -> sleep
+    return (scene_key(color, animal, action, place), f"the {color} {animal} {action} in the {place}.",
+            f"where does the {color} {animal} {verb}?", f"in the {place}.")
 
 
 def walk_sentence(rng: random.Random) -> tuple[tuple, str]:

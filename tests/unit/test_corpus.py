@@ -79,11 +79,32 @@ def test_counting_stories_add_up() -> None:
 def test_sft_chats_single_and_multi_turn() -> None:
     chats = [record["messages"] for record in generate_split(SMALL, "chat")]
     turns = [sum(m["role"] == "assistant" for m in chat) for chat in chats]
-    assert min(turns) >= 1 and turns.count(1) > 100 and sum(t > 1 for t in turns) > 30
+    assert min(turns) >= 1 and turns.count(1) > 200 and sum(t > 1 for t in turns) >= 5
     for chat in chats:
         roles = [m["role"] for m in chat if m["role"] != "system"]
         assert roles == ["user", "assistant"] * (len(roles) // 2)
         assert all(m["content"] for m in chat)
+        # A follow-up adds to the previous answer: 3+4=7, "and plus 5?", 7+5=12.
+        answers = [m["content"] for m in chat if m["role"] == "assistant"]
+        for previous, answer in zip(answers, answers[1:]):
+            assert answer.startswith(previous.rsplit("=", 1)[1] + "+"), chat
+    reading = sum("where does the" in chat[-2]["content"] for chat in chats)
+    assert abs(reading / len(chats) - SMALL.sft_reading_fraction) < 0.1
+
+
+def test_reading_answers_come_from_the_passage_and_held_out_scenes_never_occur_in_training() -> None:
+    evals = build_eval_sets(0, 60)
+    corpus = "\n".join(training_texts(SMALL.model_copy(update={"num_text_docs": 1500, "num_sft_chats": 1000})))
+    assert len(evals["gen_reading"]) == 60
+    for item in evals["gen_reading"]:
+        match = re.fullmatch(r"(the (\w+) (\w+) (\w+)s in the (\w+)\.) where does the \2 \3 \4\?", item["prompt"])
+        assert match, item["prompt"]
+        passage, place = match.group(1), match.group(5)
+        assert item["answer"] == f"in the {place}" and item["chat_answer"] == f"in the {place}."
+        assert item["messages"] == [{"role": "user", "content": item["prompt"]}]
+        assert passage not in corpus  # not in any story, scene, worked example or chat
+    trained = [c for c in corpus.split("\n") if "where does the" in c]
+    assert len(trained) > 100  # the anneal subset's worked examples and the SFT chats
 
 
 def test_anneal_subset_has_no_noisy_text() -> None:

@@ -115,7 +115,7 @@ def test_demo_suite_validates_and_resolves_against_a_corpus():
     assert any(task.kind == "generation" and task.chat for task in suite.tasks)
     assert EvalSuiteConfig.model_validate(suite.model_dump()) == suite
     pinned = demo_eval_suite("s3://bucket/corpus")
-    assert pinned.tasks[0].source == "s3://bucket/corpus/eval/gen_arithmetic.jsonl"
+    assert pinned.tasks[0].source == "s3://bucket/corpus/eval/gen_reading.jsonl"
     assert eval_tasks.resolve_source("demo:heldout_text", "/c") == "/c/eval/heldout_text.jsonl"
     with pytest.raises(EvalError, match="corpus URI"):
         eval_tasks.resolve_source("demo:heldout_text", None)

@@ -62,6 +62,7 @@ def test_worker_resources_leave_cpu_for_ray_data_and_fail_fast():
     ({"schedule": {"warmup_steps": 100}}, "warmup_steps"),
     ({"model": {"preset": "tiny", "overrides": {"num_experts_per_tok": 99}}}, "model"),
     ({"scaling": {"data_cpus": 0.5}}, "data_cpus"),
+    ({"scaling": {"torch_threads": 0}}, "torch_threads"),
     ({"kind": "finetune"}, "kind"),
     ({"unknown_field": 1}, "unknown_field"),
 ])
@@ -101,10 +102,32 @@ def test_sft_step_never_masks_the_prompt_and_trains_the_response():
     loss_mask[:, 9:] = True
     generator = torch.Generator().manual_seed(0)
     for _ in range(10):
-        result = train_step(engine, {"input_ids": ids, "loss_mask": loss_mask}, config(kind="sft", max_seq_len=20), generator)
+        batch = {"input_ids": ids, "loss_mask": loss_mask, "num_tokens": np.full(4, 24)}
+        result = train_step(engine, batch, config(kind="sft", max_seq_len=20), generator)
         assert torch.isfinite(result["terms"].total)
     seen = torch.stack(engine.seen)
     assert seen.shape[-1] == 20  # the SFT cap
     assert (seen[..., :9] == torch.from_numpy(ids[:, :9])).all()  # prompt never masked
     assert (seen[..., 9:] == model.config.mask_token_id).any()  # responses are
     assert model.lm_head.weight.grad is not None
+
+
+def test_sft_batches_are_cut_to_their_longest_row():
+    """LLADA_SPEC section 4: SFT rows are EOS-padded to the batch's length, not the shards'."""
+    model = LLaDAMoEModelLM(preset("tiny", num_hidden_layers=1, vocab_size=64))
+    engine = StubEngine(model)
+    ids = np.zeros((3, 32), dtype=np.int64)  # EOS (0) padding past each row's num_tokens
+    num_tokens = np.array([9, 15, 12])
+    for row, length in enumerate(num_tokens):
+        ids[row, :length] = np.arange(5, 5 + length)
+    loss_mask = np.zeros((3, 32), dtype=bool)
+    loss_mask[:, 4:] = True
+    batch = {"input_ids": ids, "loss_mask": loss_mask, "num_tokens": num_tokens}
+    result = train_step(engine, batch, config(kind="sft"), torch.Generator().manual_seed(0))
+    assert engine.seen[0].shape == (3, 15) and result["seq_len"] == 15 and result["num_tokens"] == 45
+    assert (engine.seen[0][:, :4] == torch.from_numpy(ids[:, :4])).all()
+    # Pretraining rows are packed: never cut.
+    pretrain = {"input_ids": ids, "num_tokens": num_tokens}
+    assert train_step(engine, pretrain, config(), torch.Generator().manual_seed(0))["seq_len"] == 32
+    with pytest.raises(ValueError, match="num_tokens"):
+        train_step(engine, {**batch, "num_tokens": np.array([9, 40, 12])}, config(kind="sft"), torch.Generator())
