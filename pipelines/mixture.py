@@ -1,8 +1,9 @@
 """Mixtures: a stage's data is a weighted mix of packed domains, drawn from a seed, sized by
 the stage's token budget, and written in its final order as the stage's own shards.
 
-- Budget: ``num_sequences = token_budget // seq_len`` rows (a row costs seq_len positions of
-  compute whatever its padding, so the budget counts positions).
+- Budget: ``num_sequences = token_budget // seq_len`` rows, so the budget counts positions.
+  A packed pretraining row costs all of them; an SFT batch is cut to its longest row in
+  training (LLADA_SPEC section 4), so for SFT the budget is an upper bound on the compute.
 - Per-domain rows: ``weight * num_sequences`` rounded by largest remainder, so the counts sum
   exactly to ``num_sequences`` and each is within 1 row of its exact share.
 - Rows of a domain are taken in a seeded permutation; a domain with fewer rows than its share
