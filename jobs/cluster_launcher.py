@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.infra import CPU_NODE, HEAD_NODE, SCALE_UP_TIMEOUT_S, WorkerGroup, k8s_name, training_groups
+from jobs.infra import CPU_NODE, HEAD_NODE, SCALE_UP_TIMEOUT_S, WorkerGroup, k8s_name, stage_scalings, training_groups
 from jobs.recipe import Recipe
 from jobs.scale_up import SCALE_UP_TIMEOUT_ENV
 
@@ -51,7 +51,7 @@ def _worker_types(groups: list[WorkerGroup]) -> dict[str, Any]:
 
 def cluster_launcher(recipe: Recipe, image: str) -> dict[str, Any]:
     """The ``ray up`` config (validated against Ray's own ray-schema.json by the tests)."""
-    groups = training_groups([s.scaling or recipe.scaling for s in recipe.stages])
+    groups = training_groups(stage_scalings(recipe))
     return {
         "cluster_name": k8s_name(recipe.run_id),
         "max_workers": sum(group.max_replicas for group in groups),

@@ -33,6 +33,7 @@ from jobs.recipe import Recipe
 from jobs.scale_up import SCALE_UP_TIMEOUT_ENV
 from jobs.stage_config import ScalingSpec
 from jobs.submit import run_arguments
+from pipelines import storage
 from serve.config import AppArgs, ServeConfig, load_serve_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -230,14 +231,15 @@ def _training_settings(recipe: Recipe, image: str) -> PodSettings:
     return PodSettings(image=image, storage_secret=uses_s3(recipe.model_dump(mode="json")), scale_up=True)
 
 
-def _scalings(recipe: Recipe, stage: str | None) -> list[ScalingSpec]:
+def stage_scalings(recipe: Recipe, stage: str | None = None) -> list[ScalingSpec]:
+    """The scaling of each stage (or of ``stage`` alone): its own, else the recipe's."""
     stages = [recipe.stage(stage)] if stage else recipe.stages
     return [s.scaling or recipe.scaling for s in stages]
 
 
 def raycluster(recipe: Recipe, image: str) -> dict[str, Any]:
     """A long-lived cluster for the whole recipe: submit runs to it with ``llada submit``."""
-    spec = ray_cluster_spec(training_groups(_scalings(recipe, None)), _training_settings(recipe, image))
+    spec = ray_cluster_spec(training_groups(stage_scalings(recipe)), _training_settings(recipe, image))
     return _manifest("RayCluster", k8s_name(recipe.run_id), spec)
 
 
@@ -257,7 +259,7 @@ def rayjob(recipe: Recipe, recipe_ref: str, image: str, stage: str | None = None
            overrides: list[str] | None = None) -> dict[str, Any]:
     """A RayJob that creates its own cluster, runs ``llada run`` (all stages, or ``stage``) from
     the submitter pod (K8sJobMode), retries on a new cluster, and cleans up after itself."""
-    groups = training_groups(_scalings(recipe, stage))
+    groups = training_groups(stage_scalings(recipe, stage))
     spec = {
         "entrypoint": run_command(recipe_ref, stage, overrides or []),
         "metadata": {"llada.recipe": recipe_ref, "llada.stage": stage or "all"},
@@ -289,7 +291,7 @@ def rayservice(recipe: Recipe, app_args: AppArgs, image: str) -> dict[str, Any]:
 
     config = app_args.config
     num_gpus = sampler_num_gpus(config, recipe)
-    settings = PodSettings(image=image, storage_secret=uses_s3(app_args.checkpoint),
+    settings = PodSettings(image=image, storage_secret=storage.is_remote(app_args.checkpoint),
                            api_key_env=config.api_key_env, serve_port=config.port)
     spec = {
         "serveConfigV2": serve_config_yaml(app_args),

@@ -82,6 +82,7 @@ def run_infra_render(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from jobs import infra
+    from pipelines import storage
 
     recipe = load(args)
     try:
@@ -90,7 +91,7 @@ def run_infra_render(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as error:
         print(f"llada infra render: {error}", file=sys.stderr)
         return 2
-    if args.kind != "rayservice" and not infra.uses_s3(recipe.storage_uri):
+    if args.kind != "rayservice" and not storage.is_remote(recipe.storage_uri):
         print(f"llada infra render: warning: storage_uri {recipe.storage_uri} is local to each node; a cluster "
               "needs shared storage (--set storage_uri=s3://BUCKET/PREFIX)", file=sys.stderr)
     if args.kind == "cluster-launcher":

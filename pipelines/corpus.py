@@ -70,14 +70,6 @@ def _train_equation(rng: random.Random) -> str:
             return world.equation(op, a, b)
 
 
-def _train_reading(rng: random.Random) -> tuple[str, str, str]:
-    """(passage, question, answer) about a training scene fact."""
-    while True:
-        key, passage, question, answer = world.reading_question(rng)
-        if not world.is_heldout(key):
-            return passage, question, answer
-
-
 def _train_sequence(rng: random.Random) -> tuple[int, int]:
     while True:
         key, start, step = world.draw_sequence(rng)
@@ -117,7 +109,7 @@ def anneal_document(rng: random.Random) -> str:
     no noisy text."""
     story = _train_item(rng, world.counting_story)[1]
     scene = _train_item(rng, rng.choice(world.TEXT_GENERATORS))[1]
-    reading = " ".join(_train_reading(rng))
+    reading = _train_item(rng, world.reading_question)[1]
     equations = "\n".join(_train_equation(rng) for _ in range(rng.randint(3, 6)))
     program = _train_item(rng, world.code_snippet)[1]
     return f"{story} {scene} {reading}\n{equations}\n{program}".rstrip("\n")
@@ -126,8 +118,8 @@ def anneal_document(rng: random.Random) -> str:
 def _chat_turn(rng: random.Random, reading_fraction: float) -> tuple[str, str, str]:
     """One (kind, question, answer) exchange from the training keys."""
     if rng.random() < reading_fraction:
-        passage, question, answer = _train_reading(rng)
-        return "reading", f"{passage} {question}", answer
+        parts = _train_item(rng, world.reading_question)[2]
+        return "reading", f"{parts['passage']} {parts['question']}", parts["answer"]
     kind = rng.choice(("arith", "count", "code", "sequence"))
     if kind == "arith":
         while True:

@@ -76,11 +76,11 @@ def generation_tasks(rng: random.Random, count: int) -> dict[str, list[dict[str,
         code.append({"prompt": parts["prompt"], "answer": parts["answer"], "stop": ["\n"],
                      "messages": [{"role": "user", "content": f"what does this print?\n{source}"}],
                      "chat_answer": parts["answer"]})
-    reading = [
-        {"prompt": f"{passage} {question}", "answer": answer.rstrip("."), "stop": [".", "\n"],
-         "messages": [{"role": "user", "content": f"{passage} {question}"}], "chat_answer": answer}
-        for _, passage, question, answer in _heldout_items(rng, world.reading_question, count)
-    ]
+    reading = []
+    for _, _, parts in _heldout_items(rng, world.reading_question, count):
+        prompt = f"{parts['passage']} {parts['question']}"
+        reading.append({"prompt": prompt, "answer": parts["answer"].rstrip("."), "stop": [".", "\n"],
+                        "messages": [{"role": "user", "content": prompt}], "chat_answer": parts["answer"]})
     return {"gen_reading": reading, "gen_arithmetic": arithmetic, "gen_counting": counting, "gen_code": code}
 
 

@@ -98,14 +98,16 @@ def scene_key(color: str, animal: str, action: str, place: str) -> tuple:
     return ("scene", color, animal, action, place)
 
 
-def reading_question(rng: random.Random) -> tuple[tuple, str, str, str]:
-    """Reading comprehension: ``(key, passage, question, answer)``, e.g. ``the red fox sleeps in
-    the barn.`` / ``where does the red fox sleep?`` / ``in the barn.`` The answer is copied out
-    of the passage (one of 8 places, so guessing scores 1/8); the key is the passage's scene fact."""
+def reading_question(rng: random.Random) -> tuple[tuple, str, dict]:
+    """Reading comprehension, as (key, worked example, parts): ``the red fox sleeps in the barn.
+    where does the red fox sleep? in the barn.`` with parts ``passage``, ``question`` and
+    ``answer``. The answer is copied out of the passage (one of 8 places, so guessing scores
+    1/8); the key is the passage's scene fact."""
     color, animal, action, place = rng.choice(COLORS), rng.choice(ANIMALS), rng.choice(ACTIONS), rng.choice(PLACES)
     verb = action[:-1]  # sleeps -> sleep
-    return (scene_key(color, animal, action, place), f"the {color} {animal} {action} in the {place}.",
-            f"where does the {color} {animal} {verb}?", f"in the {place}.")
+    parts = {"passage": f"the {color} {animal} {action} in the {place}.",
+             "question": f"where does the {color} {animal} {verb}?", "answer": f"in the {place}."}
+    return scene_key(color, animal, action, place), " ".join(parts.values()), parts
 
 
 def walk_sentence(rng: random.Random) -> tuple[tuple, str]:
