@@ -21,6 +21,9 @@ all of them off the loop is the reference loop, unchanged:
   (``"dual"``) against cached keys/values of the rest;
 - ``early_stop``: after each block, a row whose answer so far ends in EOS is filled with EOS to
   the end, and sampling stops once every row is.
+
+Streaming (``on_block``): every answer token is handed out exactly once, in order, as soon as it
+is final, in a :class:`CommittedBlocks` that carries the new tokens themselves; see its docstring.
 """
 
 from __future__ import annotations
@@ -51,7 +54,39 @@ DEFAULT_FAST_OPTIONS = MappingProxyType({"threshold": 0.9, "cache": "dual", "ear
 # above the -inf that marks positions that may not be committed at all.
 _DEMOTED_CONFIDENCE = -1.0
 
-BlockCallback = Callable[[int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class CommittedBlocks:
+    """What :func:`generate` hands ``on_block``: the answer blocks that became final since the
+    previous call, with their tokens.
+
+    The contract, for every caller: the ``blocks`` ranges of successive calls are contiguous,
+    the first starts at 0 and the last ends at ``num_blocks``, so every answer token is handed
+    out exactly once and in order; concatenating ``tokens_BT`` over the calls gives the answer
+    part of generate()'s return value. Usually a call covers one block; after an early stop the
+    last call covers every block left (they are final: EOS to the end of each row).
+
+    blocks: the answer's block indices now final, e.g. ``range(1, 2)`` or, after an early stop
+        in block 1 of 8, ``range(1, 8)``.
+    answer_start: the position in the answer (0 = the first generated token) of ``tokens_BT[:, 0]``,
+        ``blocks.start * block_length``.
+    tokens_BT: a copy of the newly final answer tokens [B, len(blocks) * block_length].
+    num_blocks: blocks in the whole answer (gen_length / block_length).
+    """
+
+    blocks: range
+    answer_start: int
+    tokens_BT: torch.Tensor
+    num_blocks: int
+
+    @property
+    def final(self) -> bool:
+        """True on the last call: the whole answer is out."""
+        return self.blocks.stop == self.num_blocks
+
+
+BlockCallback = Callable[[CommittedBlocks], None]
 
 
 @dataclass(frozen=True)
@@ -325,9 +360,9 @@ def generate(
         generator: the source of all random draws (must live on the prompt's device).
         eos_id: defaults to ``model.config.eos_token_id``; eot_id: end-of-turn id from the
             tokenizer (``<|role_end|>``), or None to demote EOS only.
-        on_block: called as ``on_block(block_index, x)`` with a copy of the sequence [B, L]
-            each time a block is complete (streaming). After an early stop the last call names
-            the last block, as everything after the stop is then final.
+        on_block: streaming; called with a :class:`CommittedBlocks` each time blocks become
+            final (one block, or after an early stop all that are left): every answer token
+            is handed out exactly once, in order, and the last call has ``final`` True.
     Fast sampling (LLADA_SPEC section 6; all off by default, which is the reference loop):
         threshold: None (the fixed schedule of ``steps``) or tau in (0, 1]: each step commits
             every masked position of the block with confidence >= tau, and at least the most
@@ -361,16 +396,26 @@ def generate(
         # The generated part is real text for every row: ones, so each row keeps its own positions.
         answer_mask = attention_mask.new_ones(batch_size, gen_length)
         attention_mask_BL = torch.cat([attention_mask, answer_mask], dim=1)
+    num_reported = 0  # answer blocks handed to on_block so far
     for block_index in range(options.num_blocks):
         start = prompt_length + block_index * options.block_length
         block = slice(start, start + options.block_length)
         _denoise_block(model, x_BL, attention_mask_BL, block, prompt_length, options, generator)
         finished = options.early_stop and fill_after_eos(x_BL, block.stop, options.eos_id)
+        num_final = options.num_blocks if finished else block_index + 1
         if on_block is not None:
-            on_block(options.num_blocks - 1 if finished else block_index, x_BL.clone())
+            on_block(_committed(x_BL, prompt_length, range(num_reported, num_final), options))
+        num_reported = num_final
         if finished:
             break
     return x_BL
+
+
+def _committed(x_BL: torch.Tensor, prompt_length: int, blocks: range, options: SamplingOptions) -> CommittedBlocks:
+    answer_start, answer_stop = blocks.start * options.block_length, blocks.stop * options.block_length
+    tokens_BT = x_BL[:, prompt_length + answer_start: prompt_length + answer_stop].clone()
+    return CommittedBlocks(blocks=blocks, answer_start=answer_start, tokens_BT=tokens_BT,
+                           num_blocks=options.num_blocks)
 
 
 def _resolve_options(

@@ -1,8 +1,8 @@
 """The Ray Serve application: a FastAPI ingress (serve/api.py) in front of autoscaled sampler
 replicas (serve/sampler.py), built from :class:`serve.config.AppArgs`.
 
-    serve run serve.app:build_app checkpoint=./runs/demo/sft/best     # Ray's CLI, defaults
-    llada serve --checkpoint s3://bucket/run/sft/best --print-config > serve.yaml
+    serve run serve.app:build_app checkpoint=./runs/tiny-cpu/stages/sft/checkpoints/checkpoint_000800/hf
+    llada serve --checkpoint s3://BUCKET/RUN/stages/sft/checkpoints/checkpoint_NNNNNN/hf --print-config > serve.yaml
     serve deploy serve.yaml                                             # or a RayService's serveConfigV2
 
 ``build_app`` is the ``import_path`` of the config YAML; it applies every deployment option

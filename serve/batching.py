@@ -36,7 +36,7 @@ from typing import Any, AsyncIterator, Callable, Hashable, Sequence
 import torch
 from torch import nn
 
-from llada_core.sampling import generate
+from llada_core.sampling import CommittedBlocks, generate
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +85,20 @@ class SampleRequest:
 
 @dataclass(frozen=True)
 class BlockUpdate:
-    """The committed tokens of one block of one request, cut at its max_tokens."""
+    """One request's answer tokens that became final since its previous update (one block, or
+    after an early stop the rest of the answer), cut at its max_tokens.
 
-    block_index: int
+    ``blocks_done`` counts the answer blocks final so far: the updates of a request carry every
+    answer token exactly once, in order, and the last one has ``blocks_done == num_blocks``.
+    """
+
+    blocks_done: int
     num_blocks: int
     token_ids: tuple[int, ...]
 
     @property
     def final(self) -> bool:
-        return self.block_index == self.num_blocks - 1
+        return self.blocks_done == self.num_blocks
 
 
 @dataclass(frozen=True)
@@ -139,23 +144,24 @@ def left_pad(
     return prompt_BP, mask_BP
 
 
-def block_tokens(x_BL: torch.Tensor, prompt_width: int, block_index: int, block_length: int,
-                 max_tokens: Sequence[int]) -> list[tuple[int, ...]]:
-    """Each row's tokens of one block, cut at that row's max_tokens."""
-    start = block_index * block_length
-    rows = x_BL[:, prompt_width + start: prompt_width + start + block_length].tolist()
-    return [tuple(row[: max(0, limit - start)]) for row, limit in zip(rows, max_tokens, strict=True)]
+def committed_tokens(committed: CommittedBlocks, max_tokens: Sequence[int]) -> list[tuple[int, ...]]:
+    """Each row's newly final answer tokens, cut at that row's max_tokens."""
+    rows = committed.tokens_BT.tolist()
+    keep = [max(0, limit - committed.answer_start) for limit in max_tokens]
+    return [tuple(row[:n]) for row, n in zip(rows, keep, strict=True)]
 
 
-BlockHook = Callable[[int, list[tuple[int, ...]]], None]
+BlockHook = Callable[[int, list[tuple[int, ...]]], None]  # (blocks done, tokens per request)
 
 
 def sample_group(model: nn.Module, requests: Sequence[SampleRequest], on_block: BlockHook | None = None,
                  generate_fn: Callable[..., torch.Tensor] = generate) -> list[tuple[int, ...]]:
     """Sample requests that share a :func:`batch_key` in one ``generate`` call.
 
-    Returns each request's answer tokens (cut at its max_tokens); ``on_block(block_index,
-    [tokens of that block per request])`` is called as each block is committed.
+    Returns each request's answer tokens (cut at its max_tokens). ``on_block(blocks_done,
+    [new tokens per request])`` is called whenever blocks become final (generate()'s
+    :class:`~llada_core.sampling.CommittedBlocks` contract): concatenated over the calls, each
+    request's tokens are exactly its returned answer.
     """
     params = requests[0].params
     assert all(batch_key(r) == batch_key(requests[0]) for r in requests), "mixed batch keys"
@@ -168,16 +174,16 @@ def sample_group(model: nn.Module, requests: Sequence[SampleRequest], on_block: 
     if params.stochastic and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
 
-    def block_done(block_index: int, x_BL: torch.Tensor) -> None:
+    def blocks_done(committed: CommittedBlocks) -> None:
         if on_block is not None:
-            on_block(block_index, block_tokens(x_BL, width, block_index, params.block_length, max_tokens))
+            on_block(committed.blocks.stop, committed_tokens(committed, max_tokens))
 
     x_BL = generate_fn(
         model, prompt_BP, attention_mask=mask_BP, steps=params.steps, gen_length=params.gen_length,
         block_length=params.block_length, temperature=params.temperature, cfg_scale=params.cfg_scale,
         remasking=params.remasking, logits_eos_inf=params.logits_eos_inf,
         confidence_eos_eot_inf=params.confidence_eos_eot_inf, generator=generator, eot_id=params.eot_id,
-        on_block=block_done, **dict(params.extensions),
+        on_block=blocks_done, **dict(params.extensions),
     )
     answers = x_BL[:, width:].tolist()
     return [tuple(answer[:limit]) for answer, limit in zip(answers, max_tokens, strict=True)]
@@ -307,12 +313,12 @@ class BatchRunner:
         loop = asyncio.get_running_loop()
         num_blocks = live[0].request.params.num_blocks
 
-        def deliver(block_index: int, tokens: list[tuple[int, ...]]) -> None:
+        def deliver(blocks_done: int, tokens: list[tuple[int, ...]]) -> None:
             for waiting, row in zip(live, tokens, strict=True):
-                waiting.outbox.put_nowait((waiting.slot, BlockUpdate(block_index, num_blocks, row)))
+                waiting.outbox.put_nowait((waiting.slot, BlockUpdate(blocks_done, num_blocks, row)))
 
-        def on_block(block_index: int, tokens: list[tuple[int, ...]]) -> None:  # worker thread
-            loop.call_soon_threadsafe(deliver, block_index, tokens)
+        def on_block(blocks_done: int, tokens: list[tuple[int, ...]]) -> None:  # worker thread
+            loop.call_soon_threadsafe(deliver, blocks_done, tokens)
 
         self.num_batches += 1
         self.batch_sizes.append(len(live))

@@ -1,8 +1,11 @@
 """``llada serve`` (wired into jobs/cli.py by ``add_serve_command``) and ``python -m serve``.
 
-    llada serve --checkpoint ./runs/demo/sft/best                      # http://127.0.0.1:8000/v1
-    llada serve --checkpoint s3://bucket/run/sft/best --config serve.yaml --port 8080
-    llada serve --checkpoint s3://bucket/run/sft/best --print-config > rayservice-serve.yaml
+    llada serve --checkpoint ./runs/tiny-cpu/stages/sft/checkpoints/checkpoint_000800/hf   # http://127.0.0.1:8000/v1
+    llada serve --checkpoint s3://BUCKET/RUN/stages/sft/checkpoints/checkpoint_NNNNNN/hf --config serve.yaml --port 8080
+    llada serve --checkpoint s3://BUCKET/RUN/stages/sft/checkpoints/checkpoint_NNNNNN/hf --print-config > serve.yaml
+
+A checkpoint is the ``hf/`` folder of a stage's checkpoint (``llada status RECIPE`` names the one
+each stage selected); the demo's SFT stage selects step 800.
 """
 
 from __future__ import annotations

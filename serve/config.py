@@ -1,6 +1,6 @@
 """The serve configuration: one strict pydantic model, loaded from YAML, embeddable in a recipe.
 
-    llada serve --checkpoint ./runs/demo/sft/best --config serve.yaml
+    llada serve --checkpoint ./runs/tiny-cpu/stages/sft/checkpoints/checkpoint_000800/hf --config serve.yaml
 
 A ``ServeConfig`` says how to serve (sampling defaults, request limits, batching, autoscaling,
 backpressure, replica resources, API key); *what* to serve (the checkpoint URI) is given beside

@@ -67,7 +67,7 @@ class Sampler:
             else:
                 tokens += result.token_ids
                 if result.final:  # the whole answer as one last block
-                    yield BlockUpdate(result.block_index, result.num_blocks, tokens)
+                    yield BlockUpdate(result.blocks_done, result.num_blocks, tokens)
 
     # Many batches may be open at once: the runner queues their requests and merges those that
     # wait for the model into one generate call (serve/batching.py: BatchRunner).

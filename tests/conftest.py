@@ -121,3 +121,13 @@ def s3_unreachable(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("LLADA_S3_CONNECT_TIMEOUT_S", "0.5")
     monkeypatch.setenv("LLADA_S3_MAX_ATTEMPTS", "2")
     return endpoint
+
+
+@pytest.fixture(scope="session")
+def answering_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny model trained (about 8 s, once per session) to answer a few chat questions and stop
+    with <|role_end|> and EOS mid-block, saved in the HF layout with its tokenizer
+    (tests/answering_model.py)."""
+    from answering_model import save_answering_checkpoint
+
+    return save_answering_checkpoint(tmp_path_factory.mktemp("answering-model"))

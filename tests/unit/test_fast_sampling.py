@@ -300,10 +300,12 @@ def test_early_stop_stops_after_a_block_ending_in_eos_and_fills_eos():
 
     model.num_calls = 0
     seen = []
-    out = generate(model, torch.tensor([[20]]), early_stop=True, on_block=lambda k, x: seen.append(k), **args)
+    out = generate(model, torch.tensor([[20]]), early_stop=True, on_block=seen.append, **args)
     assert out[0, 1:].tolist() == [7, 7, eos, eos] + [eos] * 8
     assert model.num_calls == 4  # block 0 only (4 steps)
-    assert seen == [2]  # one call, naming the last block: everything is final
+    # One call that hands out every block, the one with the answer first: nothing is lost.
+    assert [(c.blocks, c.answer_start, c.final) for c in seen] == [(range(0, 3), 0, True)]
+    assert seen[0].tokens_BT.tolist() == [out[0, 1:].tolist()]
 
     model.num_calls = 0
     out = generate(model, torch.tensor([[20], [21]]), early_stop=True, **args)

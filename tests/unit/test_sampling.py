@@ -169,7 +169,7 @@ def test_blocks_fill_left_to_right():
     prompt = random_prompt(2, 3, recorder)
     seen = []
     out = generate(recorder, prompt, steps=6, gen_length=12, block_length=4, temperature=1.0,
-                   generator=torch.Generator().manual_seed(0), on_block=lambda k, x: seen.append((k, x)))
+                   generator=torch.Generator().manual_seed(0), on_block=seen.append)
     assert len(recorder.inputs) == 6
 
     def blocks(x):
@@ -180,11 +180,10 @@ def test_blocks_fill_left_to_right():
         for k in range(2):
             if (parts[k + 1] != mask_id).any():
                 assert not (parts[k] == mask_id).any(), "block k+1 committed before block k was full"
-    assert [k for k, _ in seen] == [0, 1, 2]
-    for k, x in seen:
-        for j, part in enumerate(blocks(x)):
-            assert (part != mask_id).all() if j <= k else (part == mask_id).all()
-    assert torch.equal(seen[-1][1], out)
+    assert [c.blocks for c in seen] == [range(0, 1), range(1, 2), range(2, 3)]
+    assert [c.answer_start for c in seen] == [0, 4, 8] and [c.final for c in seen] == [False, False, True]
+    assert all((c.tokens_BT != mask_id).all() for c in seen), "a block was handed out before it was final"
+    assert torch.equal(torch.cat([c.tokens_BT for c in seen], dim=1), out[:, 3:])
 
 
 def test_same_generator_seed_same_sample_other_seed_other_sample():

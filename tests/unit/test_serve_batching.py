@@ -122,7 +122,7 @@ def test_blocks_stream_in_order_and_add_up_to_the_answer(model):
     requests = [request(prompt(4, 5), 10, name="a"), request(prompt(2, 6), 12, name="b")]
     seen: list[tuple[int, list[tuple[int, ...]]]] = []
     answers = sample_group(model, requests, on_block=lambda index, tokens: seen.append((index, tokens)))
-    assert [index for index, _ in seen] == [0, 1, 2]
+    assert [blocks_done for blocks_done, _ in seen] == [1, 2, 3]
     for row, answer in enumerate(answers):
         assert sum((tokens[row] for _, tokens in seen), ()) == answer
 
@@ -156,7 +156,7 @@ def test_runner_streams_every_group_block_by_block(model):
     for i, single in enumerate(requests):
         updates = streams[i]
         assert all(isinstance(u, BlockUpdate) for u in updates)
-        assert [u.block_index for u in updates] == list(range(single.params.num_blocks))
+        assert [u.blocks_done for u in updates] == list(range(1, single.params.num_blocks + 1))
         assert updates[-1].final
         assert sum((u.token_ids for u in updates), ()) == sample_group(model, [single])[0]
 
