@@ -20,8 +20,8 @@ import ray
 import torch
 
 from jobs.stage_config import StageConfig
-from jobs.train import read_history, run_stage
-from pipelines.corpus import CorpusSpec
+from jobs.training.stage import read_history, run_stage
+from pipelines.demo.corpus import CorpusSpec
 from pipelines.mixture import MixtureSpec
 from pipelines.prepare import PrepareConfig, prepare
 

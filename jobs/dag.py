@@ -39,7 +39,7 @@ def prepare_data(recipe: Recipe, s3: storage.S3Settings | None, progress: Callab
 
 
 def eval_suite(recipe: Recipe) -> Any:
-    from jobs.evals import EvalSuiteConfig, demo_eval_suite
+    from jobs.evaluation.runner import EvalSuiteConfig, demo_eval_suite
 
     if recipe.eval == "demo":
         return demo_eval_suite()
@@ -67,8 +67,8 @@ def read_selection(recipe: Recipe, name: str, s3: storage.S3Settings | None) -> 
 
 def score_and_select(recipe: Recipe, name: str, s3: storage.S3Settings | None) -> dict[str, Any]:
     """Score every complete checkpoint of the stage, apply its rule, write selection.json."""
-    from jobs.evals import evaluate_checkpoints_ray
-    from jobs.selection import select_checkpoint, selection_record
+    from jobs.evaluation.runner import evaluate_checkpoints_ray
+    from jobs.evaluation.selection import select_checkpoint, selection_record
 
     checkpoints = ckpt.list_checkpoints(recipe.stage_uri(name), s3)
     if not checkpoints:
@@ -81,7 +81,7 @@ def score_and_select(recipe: Recipe, name: str, s3: storage.S3Settings | None) -
 
 
 def run_one_stage(recipe: Recipe, name: str, prepared: dict[str, Any], s3: storage.S3Settings | None) -> dict[str, Any]:
-    from jobs.train import run_stage
+    from jobs.training.stage import run_stage
 
     stage = recipe.stage(name)
     init_uri = None

@@ -28,7 +28,7 @@ def run_arguments(recipe: str, stage: str | None, overrides: list[str]) -> list[
 def entrypoint(recipe: str, stage: str | None, overrides: list[str], python: str) -> str:
     """The job's command: this project's CLI under an explicit interpreter (plain `python` may
     resolve to another interpreter on the cluster)."""
-    return shlex.join([python, "-m", "jobs.cli", *run_arguments(recipe, stage, overrides)])
+    return shlex.join([python, "-m", "llada", *run_arguments(recipe, stage, overrides)])
 
 
 def submit_recipe(address: str, recipe: str, stage: str | None = None, overrides: list[str] | None = None,

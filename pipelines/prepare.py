@@ -18,7 +18,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines import storage
-from pipelines.corpus import PRETRAIN_DOMAINS, CorpusSpec, write_demo_corpus
+from pipelines.demo.corpus import PRETRAIN_DOMAINS, CorpusSpec, write_demo_corpus
 from pipelines.mixture import MixtureSpec, write_stage
 from pipelines.pack import PackConfig, run_pack_job
 from pipelines.sources import SourceSpec

@@ -1,4 +1,4 @@
-"""``llada serve`` (wired into jobs/cli.py by ``add_serve_command``) and ``python -m serve``.
+"""``llada serve`` (wired into llada/cli.py by ``add_serve_command``) and ``python -m serve``.
 
     llada serve --checkpoint ./runs/tiny-cpu/stages/sft/checkpoints/checkpoint_000800/hf   # http://127.0.0.1:8000/v1
     llada serve --checkpoint s3://BUCKET/RUN/stages/sft/checkpoints/checkpoint_NNNNNN/hf --config serve.yaml --port 8080

@@ -14,7 +14,7 @@ TINY_MODEL = {"preset": "tiny", "overrides": {"hidden_size": 64, "num_hidden_lay
 @pytest.fixture(scope="session")
 def stage_data(tmp_path_factory, ray_cluster) -> dict:
     """A small demo corpus -> tokenizer -> packed shards -> a pretrain and an SFT stage (local)."""
-    from pipelines.corpus import CorpusSpec
+    from pipelines.demo.corpus import CorpusSpec
     from pipelines.mixture import MixtureSpec
     from pipelines.prepare import PrepareConfig, prepare
 

@@ -11,7 +11,7 @@ import yaml
 
 from jobs.dag import run_recipe, run_status
 from jobs.recipe import Recipe
-from jobs.train import read_history
+from jobs.training.stage import read_history
 from pipelines import storage
 
 TINY_RECIPE = Path(__file__).resolve().parents[2] / "jobs" / "recipes" / "tiny-cpu.yaml"

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import storage
-from pipelines.corpus import CorpusSpec
+from pipelines.demo.corpus import CorpusSpec
 from pipelines.mixture import DEMO_STAGE_WEIGHTS, MixtureSpec, write_stage
 from pipelines.pack import PackConfig, PackError, run_pack_job
 from pipelines.prepare import PrepareConfig, demo_sources, prepare
@@ -185,7 +185,7 @@ def test_s3_down_gives_a_clear_error(prepared, s3_unreachable) -> None:
 
 
 def test_cli_prepare_prints_summary(ray_cluster, tmp_path, capsys) -> None:
-    from jobs.cli import main
+    from llada.cli import main
 
     output = str(tmp_path / "cli")
     assert main(["data", "prepare", "--output", output, "--corpus-scale", "0.02", "--seq-len", "64",

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from jobs.checkpoints import checkpoint_name, checkpoints_uri, list_checkpoints, write_completion_record
-from jobs.eval_tasks import EvalSuiteConfig
-from jobs.evals import SCORES_RECORD, evaluate_checkpoints_ray, suite_hash
-from jobs.selection import select_checkpoint, selection_record
+from jobs.evaluation.tasks import EvalSuiteConfig
+from jobs.evaluation.runner import SCORES_RECORD, evaluate_checkpoints_ray, suite_hash
+from jobs.evaluation.selection import select_checkpoint, selection_record
 from llada_core import LLaDAMoEModelLM, preset, save_model
 from pipelines.tokenizer import save_tokenizer, train_bpe
 

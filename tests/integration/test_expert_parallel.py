@@ -40,7 +40,7 @@ def _parity_worker(rank: int, port: int) -> None:
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     import deepspeed
 
-    from jobs.expert_parallel import ExpertParallelMoE, enable_expert_parallel, native_state_dict
+    from jobs.training.expert_parallel import ExpertParallelMoE, enable_expert_parallel, native_state_dict
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def test_expert_parallel_ep2_equals_native_moe_outputs_and_gradients():
 
 
 def test_expert_parallel_rejects_sizes_that_do_not_divide():
-    from jobs.expert_parallel import ExpertParallelMoE
+    from jobs.training.expert_parallel import ExpertParallelMoE
 
     native = LLaDAMoEModelLM(small_config())
     with pytest.raises(ValueError, match="expert_parallel_size"):

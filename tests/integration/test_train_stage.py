@@ -8,7 +8,7 @@ import pytest
 
 from conftest import stage_config  # tests/integration/conftest.py
 from jobs.checkpoints import list_checkpoints
-from jobs.train import read_history, run_stage
+from jobs.training.stage import read_history, run_stage
 from llada_core.checkpoint import load_config, load_model
 from pipelines import storage
 

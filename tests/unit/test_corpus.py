@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from pipelines import demo_world as world
-from pipelines.corpus import PRETRAIN_DOMAINS, CorpusSpec, generate_split, write_demo_corpus
-from pipelines.demo_eval import EVAL_TASKS, build_eval_sets
+from pipelines.demo import world
+from pipelines.demo.corpus import PRETRAIN_DOMAINS, CorpusSpec, generate_split, write_demo_corpus
+from pipelines.demo.eval_sets import EVAL_TASKS, build_eval_sets
 from pipelines.storage import StorageError
 
 SMALL = CorpusSpec(num_text_docs=300, num_math_docs=300, num_code_docs=200, num_anneal_docs=100,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.cli import build_parser
+from llada.cli import build_parser
 from pipelines.mixture import MixtureSpec, largest_remainder, plan_mixture
 from pipelines.pack import pack_pretrain, sft_examples
 from pipelines.reader import DataCursor, DataError, train_worker_resources
@@ -104,7 +104,7 @@ def test_cli_help_and_flag_errors(capsys) -> None:
         parser.parse_args(["data", "prepare", "--help"])
     assert exit_info.value.code == 0
     assert "--output" in capsys.readouterr().out
-    from jobs.cli import main
+    from llada.cli import main
 
     with pytest.raises(SystemExit, match="--output is required"):
         main(["data", "prepare"])

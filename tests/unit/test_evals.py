@@ -14,8 +14,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from jobs import eval_tasks
-from jobs.eval_tasks import (
+from jobs.evaluation import tasks as eval_tasks
+from jobs.evaluation.tasks import (
     ChoiceItem,
     EvalError,
     EvalSuiteConfig,
@@ -29,7 +29,7 @@ from jobs.eval_tasks import (
     split_context,
     task_seed,
 )
-from jobs.evals import (
+from jobs.evaluation.runner import (
     SCORES_RECORD,
     demo_eval_suite,
     evaluate_checkpoint,
@@ -360,7 +360,7 @@ def test_generation_score_matches_generate_called_directly(checkpoint, tmp_path)
 
 
 def test_demo_sources_resolve_against_the_corpus(checkpoint, tmp_path):
-    from pipelines.corpus import CorpusSpec, write_demo_corpus
+    from pipelines.demo.corpus import CorpusSpec, write_demo_corpus
 
     corpus = str(tmp_path / "corpus")
     write_demo_corpus(corpus, CorpusSpec(num_text_docs=2, num_math_docs=2, num_code_docs=2, num_anneal_docs=2,
@@ -380,7 +380,7 @@ def test_demo_sources_resolve_against_the_corpus(checkpoint, tmp_path):
 
 
 def test_score_checkpoint_writes_and_reuses_scores_json(checkpoint, eval_sets, monkeypatch):
-    import jobs.evals as evals
+    import jobs.evaluation.runner as evals
 
     folder = str(checkpoint.parent)
     suite = small_suite(eval_sets)

@@ -1,4 +1,4 @@
-"""Cluster deployment (jobs/infra.py, jobs/cluster_launcher.py, `llada infra render`, infra/):
+"""Cluster deployment (llada/infra/render.py, llada/infra/launcher.py, `llada infra render`, infra/):
 every shipped and rendered manifest fits the KubeRay CRDs (tests/unit/kuberay_schema.py) or Ray's
 own cluster-launcher schema, the shipped files are what their first line renders, the RayService
 serves exactly what `llada serve --print-config` prints, and the image installs like `make setup`."""
@@ -18,7 +18,7 @@ import yaml
 from kuberay_schema import check_manifest, k8s_problems
 from pydantic import ValidationError
 
-from jobs.cli import build_parser, main
+from llada.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_RECIPE = "jobs/recipes/llada-moe-7b-a1b.yaml"

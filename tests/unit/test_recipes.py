@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.cli import main
+from llada.cli import main
 from jobs.recipe import Recipe, apply_overrides, load_recipe
 from jobs.submit import entrypoint
 
@@ -100,7 +100,7 @@ def test_status_json_on_a_fresh_run(capsys, tmp_path):
 
 def test_submit_entrypoint_uses_the_given_interpreter():
     command = entrypoint("jobs/recipes/tiny-cpu.yaml", "sft", ["a.b=1"], "/opt/py/bin/python")
-    assert command == "/opt/py/bin/python -m jobs.cli run jobs/recipes/tiny-cpu.yaml --stage sft --set a.b=1"
+    assert command == "/opt/py/bin/python -m llada run jobs/recipes/tiny-cpu.yaml --stage sft --set a.b=1"
 
 
 @pytest.mark.parametrize("command", ["data", "run", "train", "status", "eval", "generate", "submit", "demo", "serve"])

@@ -1,11 +1,11 @@
-"""jobs/scale_up.py: a stage on an autoscaling cluster asks for its size, waits for it, withdraws
+"""jobs/training/scale_up.py: a stage on an autoscaling cluster asks for its size, waits for it, withdraws
 the request afterwards; without LLADA_SCALE_UP_TIMEOUT_S nothing changes (no Ray needed here)."""
 
 from __future__ import annotations
 
 import pytest
 
-from jobs.scale_up import SCALE_UP_TIMEOUT_ENV, fits, scaled_up, stage_bundles, timeout_from_env
+from jobs.training.scale_up import SCALE_UP_TIMEOUT_ENV, fits, scaled_up, stage_bundles, timeout_from_env
 from jobs.stage_config import ScalingSpec
 from pipelines.reader import DataError
 

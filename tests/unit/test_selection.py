@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jobs.selection import SelectionDecision, select_checkpoint, selection_record
+from jobs.evaluation.selection import SelectionDecision, select_checkpoint, selection_record
 
 STAGE = "s3://bucket/run/pretrain2/checkpoints"
 

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llada_core import tokens
 from llada_core.config import preset
-from pipelines.corpus import CorpusSpec, write_demo_corpus
+from pipelines.demo.corpus import CorpusSpec, write_demo_corpus
 from pipelines.tokenizer import (TokenizerError, check_matches_config, load_tokenizer, save_tokenizer,
                                  special_token_ids, tokenizer_hash, train_demo_tokenizer)
 

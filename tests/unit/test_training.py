@@ -6,8 +6,8 @@ import torch
 
 from jobs.checkpoints import plan_rotation
 from jobs.stage_config import StageConfig
-from jobs.train import worker_resources
-from jobs.train_loop import deepspeed_config, learning_rate_factor, train_step
+from jobs.training.stage import worker_resources
+from jobs.training.loop import deepspeed_config, learning_rate_factor, train_step
 from llada_core.config import preset
 from llada_core.model import LLaDAMoEModelLM
 from pipelines.reader import DataError

@@ -175,3 +175,10 @@ def scramble(text: str, rng: random.Random) -> str:
         if shuffled != words:
             return " ".join(shuffled)
     return " ".join(reversed(words))
+
+
+def count_question(key: tuple, story_prefix: str) -> str:
+    """``alice has 3 pens. alice gets 2 more pens. how many pens does alice have now?``"""
+    name, thing = key[1], key[3]
+    story = story_prefix[: story_prefix.rindex(" now ")]
+    return f"{story} how many {plural(thing, 2)} does {name} have now?"

@@ -1,7 +1,7 @@
 """Growing an autoscaling cluster to a stage's size before the stage sizes its workers.
 
 The clusters ``llada infra render`` writes start their GPU workers at zero, and
-``jobs.train.worker_resources`` fails fast when the cluster is smaller than the stage. Where
+``jobs.training.stage.worker_resources`` fails fast when the cluster is smaller than the stage. Where
 ``LLADA_SCALE_UP_TIMEOUT_S`` is set (the rendered manifests set it on every node), the driver
 first asks Ray's autoscaler for the stage's resource bundles
 (``ray.autoscaler.sdk.request_resources``), waits until the cluster has them, and withdraws the

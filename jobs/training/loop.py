@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from jobs import checkpoints as ckpt
-from jobs.expert_parallel import enable_expert_parallel, native_state_dict
-from jobs.metrics import StepMetrics, measured_matmul_flops, model_flops_per_token, write_training_plot
+from jobs.training.expert_parallel import enable_expert_parallel, native_state_dict
+from jobs.training.metrics import StepMetrics, measured_matmul_flops, model_flops_per_token, write_training_plot
 from jobs.stage_config import StageConfig
 from llada_core.checkpoint import load_model, save_model
 from llada_core.losses import forward_process, maybe_truncate_length, pretrain_loss, sft_loss, total_loss

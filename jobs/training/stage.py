@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs import checkpoints as ckpt
-from jobs import scale_up
+from jobs.training import scale_up
 from jobs.stage_config import StageConfig
 from pipelines import storage
 from pipelines.reader import DataError, ingest_execution_options, stage_dataset, train_worker_resources
@@ -51,7 +51,7 @@ def build_trainer(config: StageConfig, resources: dict[str, float], s3: storage.
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs.train_loop import train_loop_per_worker
+    from jobs.training.loop import train_loop_per_worker
 
     dataset = stage_dataset(config.data_uri, s3)
     filesystem, root = storage.filesystem(config.output_uri, s3)

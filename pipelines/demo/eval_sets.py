@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-from pipelines import demo_world as world
+from pipelines.demo import world
 
 EVAL_TASKS = ("gen_reading", "gen_arithmetic", "gen_counting", "gen_code", "choice_arithmetic", "choice_counting",
               "choice_grammar", "heldout_text", "heldout_math")
@@ -57,8 +57,6 @@ def _number_distractors(value: int, others: tuple[int, ...]) -> list[str]:
 
 
 def generation_tasks(rng: random.Random, count: int) -> dict[str, list[dict[str, Any]]]:
-    from pipelines.corpus import count_question
-
     arithmetic = [
         {"prompt": f"{a}{op}{b}=", "answer": str(world.evaluate(op, a, b)), "stop": ["\n"],
          "messages": [{"role": "user", "content": f"what is {a}{op}{b}?"}],
@@ -68,7 +66,7 @@ def generation_tasks(rng: random.Random, count: int) -> dict[str, list[dict[str,
     counting = []
     for key, text, parts in _heldout_items(rng, world.counting_story, count):
         counting.append({"prompt": parts["prompt"], "answer": parts["answer"], "stop": [" ", "\n"],
-                         "messages": [{"role": "user", "content": count_question(key, parts["prompt"])}],
+                         "messages": [{"role": "user", "content": world.count_question(key, parts["prompt"])}],
                          "chat_answer": text.split(" now ")[-1]})
     code = []
     for _, _, parts in _heldout_items(rng, world.code_snippet, count):

@@ -1,6 +1,6 @@
 """`llada` commands around a recipe: run, train, status, eval, generate, submit, demo.
 
-Each command is an ``add_*`` (arguments) / ``run_*`` (behaviour) pair registered in jobs/cli.py.
+Each command is an ``add_*`` (arguments) / ``run_*`` (behaviour) pair registered in llada/cli.py.
 A bad recipe exits non-zero with the field path; long commands print progress and end with a
 summary table.
 """
@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+from llada.console import status_table
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "jobs" / "recipes"
 DEMO_RECIPE = RECIPES_DIR / "tiny-cpu.yaml"
 
 
@@ -62,16 +64,6 @@ def _s3() -> Any:
     from pipelines.storage import S3Settings
 
     return S3Settings.from_env()
-
-
-def status_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'stage':<12} {'state':<12} {'checkpoints (step: eval average)':<52} selected"]
-    for row in rows:
-        scored = ", ".join(f"{c['step']}: {c['eval_average']:.3f}" if c["eval_average"] is not None
-                           else f"{c['step']}: -" for c in row["checkpoints"]) or "-"
-        selected = row["selected_checkpoint_uri"].rsplit("/", 1)[-1] if row["selected_checkpoint_uri"] else "-"
-        lines.append(f"{row['stage']:<12} {row['state']:<12} {scored:<52} {selected} ({row['selection_rule']})")
-    return "\n".join(lines)
 
 
 def add_run_command(subparsers: Any) -> None:
@@ -128,7 +120,7 @@ def add_eval_command(subparsers: Any) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from jobs import checkpoints as ckpt
     from jobs.dag import corpus_uri, eval_suite
-    from jobs.evals import evaluate_checkpoints_ray
+    from jobs.evaluation.runner import evaluate_checkpoints_ray
 
     recipe = load(args)
     _start_ray(args)
@@ -155,7 +147,7 @@ def add_generate_command(subparsers: Any) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from jobs.demo import sample_answers
+    from llada.demo import sample_answers
 
     answers = sample_answers(args.checkpoint, args.prompt, chat=not args.raw, gen_length=args.gen_length,
                              block_length=args.block_length, steps=args.steps, temperature=args.temperature,
@@ -204,7 +196,7 @@ def add_demo_command(subparsers: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from jobs.demo import run_demo_pipeline
+    from llada.demo import run_demo_pipeline
 
     if args.output:
         args.set = [f"storage_uri={args.output}", *args.set]

@@ -10,8 +10,9 @@ import time
 from typing import Any
 
 from jobs.dag import corpus_uri, run_recipe, run_status
+from llada.console import status_table
 from jobs.recipe import Recipe
-from jobs.train import read_history
+from jobs.training.stage import read_history
 from pipelines import storage
 
 
@@ -126,8 +127,6 @@ def _eval_plot(rows: list[dict[str, Any]]) -> bytes:
 
 
 def run_demo_pipeline(recipe: Recipe, s3: storage.S3Settings | None = None) -> dict[str, Any]:
-    from jobs.commands import status_table
-
     started = time.perf_counter()
     run_recipe(recipe, s3, progress=lambda line: print(line, flush=True))
     rows = run_status(recipe, s3)

@@ -1,4 +1,4 @@
-"""`llada infra render`: cluster manifests from a recipe (registered in jobs/cli.py).
+"""`llada infra render`: cluster manifests from a recipe (registered in llada/cli.py).
 
     llada infra render jobs/recipes/llada-moe-7b-a1b.yaml --kind raycluster > raycluster.yaml
     llada infra render jobs/recipes/llada-moe-7b-a1b.yaml --kind rayjob --stage sft --output sft.yaml
@@ -15,7 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from jobs.commands import load
+from llada.commands import load
 
 KINDS = ("raycluster", "rayjob", "rayservice", "cluster-launcher")
 IMAGE_REPOSITORY = "YOUR-REGISTRY/llada-platform"
@@ -63,7 +63,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def manifest(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
-    from jobs import cluster_launcher, infra
+    from llada.infra import launcher as cluster_launcher, render as infra
 
     variant = "cuda" if recipe.scaling.use_gpu else "cpu"
     image = args.image or f"{IMAGE_REPOSITORY}:{version('llada-platform')}-{variant}"
@@ -81,7 +81,7 @@ def manifest(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
 def run_infra_render(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from jobs import infra
+    from llada.infra import render as infra
     from pipelines import storage
 
     recipe = load(args)

@@ -10,8 +10,8 @@ beside its ``hf/`` export:
      "timings": {"load_s", "eval_s", "total_s"}, "evaluated_at": <unix time>}
 
 ``value`` is the task's raw metric (exact match, accuracy, or bits per token); ``score`` its
-normalised form in [0, 1], higher = better (jobs/eval_tasks.py); ``average`` the unweighted mean
-of the scores, which ``jobs.selection`` compares. ``suite_hash`` covers the suite config, the
+normalised form in [0, 1], higher = better (jobs/evaluation/tasks.py); ``average`` the unweighted mean
+of the scores, which ``jobs.evaluation.selection`` compares. ``suite_hash`` covers the suite config, the
 resolved data sources and the scoring version: a record with the same hash is reused, not
 recomputed, so a rerun of a run evaluates only checkpoints it has not scored yet.
 """
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from jobs.checkpoints import CheckpointInfo
-from jobs.eval_tasks import (
+from jobs.evaluation.tasks import (
     SCORERS,
     EvalError,
     EvalSuiteConfig,

@@ -3,7 +3,7 @@
     llada infra render jobs/recipes/llada-moe-7b-a1b.yaml --kind cluster-launcher > cluster.yaml
     ray up cluster.yaml
 
-Same layout as the KubeRay manifests (jobs/infra.py): a head that runs no tasks, CPU workers
+Same layout as the KubeRay manifests (llada/infra/render.py): a head that runs no tasks, CPU workers
 for Ray Data and the Serve ingress, GPU workers from zero. Every node runs the project's image
 (Ray's launcher adds the NVIDIA runtime itself where the host has it). Two local files are
 copied to every node and never written into the config: the Ray auth token
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.infra import CPU_NODE, HEAD_NODE, SCALE_UP_TIMEOUT_S, WorkerGroup, k8s_name, stage_scalings, training_groups
+from llada.infra.render import CPU_NODE, HEAD_NODE, SCALE_UP_TIMEOUT_S, WorkerGroup, k8s_name, stage_scalings, training_groups
 from jobs.recipe import Recipe
-from jobs.scale_up import SCALE_UP_TIMEOUT_ENV
+from jobs.training.scale_up import SCALE_UP_TIMEOUT_ENV
 
 AWS_REGION = "us-west-2"
 AUTH_TOKEN_FILE = "~/.ray/auth_token"

@@ -9,7 +9,7 @@ dicts; ``render_yaml`` writes them. Every kind has the same cluster layout:
 - head: runs the GCS, dashboard, autoscaler and job drivers, and no tasks (``num-cpus: 0``);
 - ``cpu`` workers: Ray Data's read and tokenise tasks, the Serve ingress, CPU-only training;
 - ``gpu`` workers (only where the recipe or serve config uses GPUs): Train workers and sampler
-  replicas, scaling from zero (the driver asks the autoscaler for a stage's size, jobs/scale_up.py).
+  replicas, scaling from zero (the driver asks the autoscaler for a stage's size, jobs/training/scale_up.py).
 
 Nothing secret is written. S3 credentials come from the Secret ``llada-storage`` (envFrom: its
 keys are the standard AWS variables), the Ray auth token from ``llada-ray-auth`` (key
@@ -30,13 +30,13 @@ from typing import Any
 import yaml
 
 from jobs.recipe import Recipe
-from jobs.scale_up import SCALE_UP_TIMEOUT_ENV
+from jobs.training.scale_up import SCALE_UP_TIMEOUT_ENV
 from jobs.stage_config import ScalingSpec
 from jobs.submit import run_arguments
 from pipelines import storage
 from serve.config import AppArgs, ServeConfig, load_serve_config
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_DIR_IN_IMAGE = "/app"  # infra/Dockerfile copies the project here and installs it
 SERVE_CONFIGS = PROJECT_ROOT / "serve" / "configs"
 KUBERAY_API_VERSION = "ray.io/v1"

@@ -1,6 +1,6 @@
 """The `llada` command. One subparser per command; each command lives in its own ``add_*`` /
 ``run_*`` pair (data here; run, train, status, eval, generate, submit, demo, serve in
-jobs/commands.py; infra in jobs/infra_cli.py).
+llada/commands.py; infra in llada/infra/cli.py).
 
     llada data prepare --output ./runs/demo                 # built-in corpus, tokenizer, shards
     llada data prepare --output s3://bucket/data --source web=s3://bucket/raw/*.jsonl --tokenizer ./tok
@@ -52,7 +52,7 @@ def add_data_command(subparsers: Any) -> None:
 
 
 def _prepare_config(args: argparse.Namespace) -> Any:
-    from pipelines.corpus import CorpusSpec
+    from pipelines.demo.corpus import CorpusSpec
     from pipelines.mixture import DEMO_STAGE_WEIGHTS, MixtureSpec
     from pipelines.prepare import PrepareConfig
 
@@ -116,8 +116,8 @@ def run_data_prepare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs.commands import COMMANDS as RECIPE_COMMANDS
-    from jobs.infra_cli import add_infra_command
+    from llada.commands import COMMANDS as RECIPE_COMMANDS
+    from llada.infra.cli import add_infra_command
 
     commands: tuple[Callable[[Any], None], ...] = (add_data_command, *RECIPE_COMMANDS, add_infra_command)
     parser = argparse.ArgumentParser(prog="llada", description="Train and serve LLaDA-MoE on Ray.")

@@ -7,7 +7,7 @@ Splits and where they are written (under the corpus URI):
 | pretraining domains text, math, code | ``pretrain/{domain}/part-NNNNN.jsonl`` | ``{"id", "text"}`` |
 | annealing subset (curated: no noisy text, worked examples) | ``anneal/anneal/part-NNNNN.jsonl`` | ``{"id", "text"}`` |
 | SFT chats, single and multi-turn | ``sft/chat/part-NNNNN.jsonl`` | ``{"id", "messages"}`` |
-| eval: exact-match generation, multiple choice, held-out text | ``eval/{task}.jsonl`` | see :mod:`pipelines.demo_eval` |
+| eval: exact-match generation, multiple choice, held-out text | ``eval/{task}.jsonl`` | see :mod:`pipelines.demo.eval_sets` |
 | description (spec, counts, files) written last | ``corpus.json`` | |
 
 Evaluation uses only held-out keys (``demo_world.is_heldout``) and training only the others, so
@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines import demo_world as world
+from pipelines.demo import world
 from pipelines import storage
-from pipelines.demo_eval import build_eval_sets
+from pipelines.demo.eval_sets import build_eval_sets
 
 PRETRAIN_DOMAINS = ("text", "math", "code")
 SYSTEM_PROMPT = "you are a helpful assistant."
@@ -128,20 +128,13 @@ def _chat_turn(rng: random.Random, reading_fraction: float) -> tuple[str, str, s
                 return kind, f"what is {a}{op}{b}?", world.equation(op, a, b)
     if kind == "count":
         key, text, parts = _train_item(rng, world.counting_story)
-        return kind, count_question(key, parts["prompt"]), text.split(" now ")[-1]
+        return kind, world.count_question(key, parts["prompt"]), text.split(" now ")[-1]
     if kind == "code":
         _, text, parts = _train_item(rng, world.code_snippet)
         return kind, f"what does this print?\n{parts['prompt'].split('# output:')[0].rstrip()}", parts["answer"]
     start, step = _train_sequence(rng)
     return (kind, f"continue the sequence: {world.sequence_line(start, step, 3)}",
             world.sequence_line(start + 3 * step, step, 3))
-
-
-def count_question(key: tuple, story_prefix: str) -> str:
-    """``alice has 3 pens. alice gets 2 more pens. how many pens does alice have now?``"""
-    name, thing = key[1], key[3]
-    story = story_prefix[: story_prefix.rindex(" now ")]
-    return f"{story} how many {world.plural(thing, 2)} does {name} have now?"
 
 
 def chat_conversation(rng: random.Random, reading_fraction: float = 0.5) -> list[dict[str, str]]:

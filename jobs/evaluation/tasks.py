@@ -19,7 +19,7 @@ U+FFFD, so neither can pass as a right answer), cut at the first of the item's `
 (raw prompts only), and stripped of surrounding whitespace; the reference answer is stripped too.
 The comparison is then exact: case, inner spaces and punctuation count.
 
-The demo corpus (``pipelines.demo_eval``) writes its held-out sets as
+The demo corpus (``pipelines.demo.eval_sets``) writes its held-out sets as
 ``<corpus>/eval/<task>.jsonl``; a task names one as ``source: "demo:<task>"``, resolved against
 the corpus URI given at evaluation time. Any other source is a JSONL URI (path, file://, s3://).
 """
@@ -39,7 +39,7 @@ from torch import nn
 from llada_core import choose, elbo_nll, generate
 from llada_core.tokens import format_chat
 from pipelines import storage
-from pipelines.demo_eval import EVAL_TASKS
+from pipelines.demo.eval_sets import EVAL_TASKS
 from pipelines.tokenizer import SpecialTokenIds
 
 DEMO_PREFIX = "demo:"

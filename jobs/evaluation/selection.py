@@ -2,7 +2,7 @@
 
 Rules (a stage's ``init_from.rule`` in the recipe):
 
-- ``best_eval_average``: the highest ``average`` of the eval suite (jobs/evals.py score
+- ``best_eval_average``: the highest ``average`` of the eval suite (jobs/evaluation/runner.py score
   records). Ties (exactly equal averages) go to the LATER step: at the same score, the
   checkpoint that has seen more data. Every record must carry an average, and all must come
   from the same suite (equal ``suite_hash`` where recorded): averages of different suites do not
@@ -56,7 +56,7 @@ def _checked_rows(records: Sequence[dict[str, Any]], need_average: bool) -> list
         has_average = isinstance(average, (int, float)) and not isinstance(average, bool) and math.isfinite(average)
         if need_average and not has_average:
             raise ValueError(f"records[{index}].average: {uri} has no eval average ({average!r}); score it with "
-                             "the eval suite (jobs.evals) before selecting by best_eval_average")
+                             "the eval suite (jobs.evaluation.runner) before selecting by best_eval_average")
         for key, value, seen in (("checkpoint_uri", uri, seen_uris), ("step", step, seen_steps)):
             if value in seen:
                 raise ValueError(f"records[{index}].{key}: {value!r} also appears in records[{seen[value]}]")
