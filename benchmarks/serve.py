@@ -79,7 +79,8 @@ def deploy(checkpoint: str, port: int, name: str, max_batch_size: int, batch_wai
     from serve.config import AppArgs
 
     run(AppArgs.model_validate({"checkpoint": checkpoint, "config": {
-        "model_name": "bench", "port": port, "request_timeout_s": 600, "sampling": {"cache": cache},
+        "model_name": "bench", "port": port, "request_timeout_s": 600,
+        "sampling": {"cache": cache, "threshold": None, "early_stop": False},  # one commit per step, as recorded
         "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_s},
         "replica": {"num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 32, "max_queued_requests": -1},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}), name=name, route_prefix=f"/{name}")
@@ -122,8 +123,8 @@ def measure(base: str, clients: int, num_requests: int, max_tokens: int, block_l
 def generate_only() -> None:
     """generate() tokens/s by batch size, and whether a left-padded batch equals each request
     alone (greedy), for the tiny and small presets in float32 and bfloat16 (no Ray, no Serve)."""
-    from llada_core import generate
-    from serve.batching import SampleRequest, SamplingParams, sample_group
+    from llada_core import SamplingOptions, generate
+    from serve.batching import SampleRequest, sample_group
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for name in ("tiny", "small"):
@@ -133,7 +134,7 @@ def generate_only() -> None:
             generator = torch.Generator().manual_seed(1)
             requests_ = [SampleRequest(str(i), tuple(torch.randint(5, model.config.vocab_size, (length,),
                                                                    generator=generator).tolist()),
-                                       max_tokens, SamplingParams(gen_length=32, steps=32, block_length=16))
+                                       max_tokens, SamplingOptions(gen_length=32, steps=32, block_length=16))
                          for i, (length, max_tokens) in enumerate([(3, 20), (17, 32), (9, 25), (30, 32), (1, 18),
                                                                     (12, 30), (25, 21), (7, 32)])]
             batched = sample_group(model, requests_)

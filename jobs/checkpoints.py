@@ -25,6 +25,7 @@ from typing import Any
 from pipelines import storage
 
 CHECKPOINTS_DIR = "checkpoints"
+HF_DIR = "hf"
 COMPLETE_RECORD = "complete.json"
 SELECTION_RECORD = "selection.json"
 _NAME = re.compile(r"^checkpoint_(\d{6,})$")
@@ -39,39 +40,82 @@ def checkpoints_uri(stage_uri: str) -> str:
 
 
 @dataclass(frozen=True)
-class CheckpointInfo:
+class CheckpointRef:
+    """One checkpoint, named once by its writer and carried as is by every reader (score and
+    selection records, the next stage, serving): ``uri`` is the checkpoint folder (DeepSpeed
+    state, records), ``hf_uri`` its HF-layout export (what eval, serving and the next stage
+    load), ``step`` the optimizer step it holds."""
+
+    uri: str
+    hf_uri: str
     step: int
-    uri: str  # the checkpoint folder
-    record: dict[str, Any]  # its completion record
+
+    @classmethod
+    def at(cls, stage_uri: str, step: int) -> "CheckpointRef":
+        """The checkpoint of ``step`` in a stage folder (the layout of this module's docstring)."""
+        uri = storage.join(checkpoints_uri(stage_uri), checkpoint_name(step))
+        return cls(uri=uri, hf_uri=storage.join(uri, HF_DIR), step=step)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"uri": self.uri, "hf_uri": self.hf_uri, "step": self.step}
+
+    @classmethod
+    def from_json(cls, value: Any, where: str = "checkpoint") -> "CheckpointRef":
+        """From a record's ``{"uri", "hf_uri", "step"}``; ValueError naming ``where`` otherwise."""
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a checkpoint reference {{uri, hf_uri, step}}, got {value!r}")
+        uri, hf_uri, step = value.get("uri"), value.get("hf_uri"), value.get("step")
+        if not isinstance(uri, str) or not uri or not isinstance(hf_uri, str) or not hf_uri:
+            raise ValueError(f"{where}: a checkpoint reference needs the folder `uri` and its `hf_uri`, got {value!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where}.step: expected a non-negative int, got {step!r}")
+        return cls(uri=uri.rstrip("/"), hf_uri=hf_uri.rstrip("/"), step=step)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint found in storage: its reference and its completion record ({} if incomplete)."""
+
+    ref: CheckpointRef
+    record: dict[str, Any]
 
     @property
-    def hf_uri(self) -> str:
-        return storage.join(self.uri, "hf")
+    def uri(self) -> str:
+        return self.ref.uri
+
+    @property
+    def step(self) -> int:
+        return self.ref.step
 
 
-def write_completion_record(checkpoint_uri: str, step: int, metrics: dict[str, Any],
-                            s3: storage.S3Settings | None = None) -> None:
-    storage.write_json(storage.join(checkpoint_uri, COMPLETE_RECORD),
-                       {"step": step, "completed_at": time.time(), "metrics": metrics}, s3)
+def write_completion_record(ref: CheckpointRef, metrics: dict[str, Any], s3: storage.S3Settings | None = None) -> None:
+    storage.write_json(storage.join(ref.uri, COMPLETE_RECORD),
+                       {"checkpoint": ref.to_json(), "step": ref.step, "completed_at": time.time(),
+                        "metrics": metrics}, s3)
 
 
 def list_checkpoints(stage_uri: str, s3: storage.S3Settings | None = None,
                      include_incomplete: bool = False) -> list[CheckpointInfo]:
-    """Complete checkpoints of a stage, oldest first."""
+    """Complete checkpoints of a stage, oldest first (with ``include_incomplete``, also those
+    that have files but no completion record, with an empty record)."""
     found = []
     for record_uri in storage.list_files(storage.join(checkpoints_uri(stage_uri), "*", COMPLETE_RECORD), s3):
-        folder = record_uri[: -len(COMPLETE_RECORD) - 1]
-        match = _NAME.match(folder.rstrip("/").rsplit("/", 1)[-1])
-        if match:
-            found.append(CheckpointInfo(int(match.group(1)), folder, storage.read_json(record_uri, s3)))
+        step = _step_of_folder(record_uri[: -len(COMPLETE_RECORD) - 1])
+        if step is not None:
+            found.append(CheckpointInfo(CheckpointRef.at(stage_uri, step), storage.read_json(record_uri, s3)))
     if include_incomplete:
         complete = {info.step for info in found}
         for meta_uri in storage.list_files(storage.join(checkpoints_uri(stage_uri), "*", "metrics.json"), s3):
-            folder = meta_uri[: -len("metrics.json") - 1]
-            match = _NAME.match(folder.rstrip("/").rsplit("/", 1)[-1])
-            if match and int(match.group(1)) not in complete:
-                found.append(CheckpointInfo(int(match.group(1)), folder, {}))
+            step = _step_of_folder(meta_uri[: -len("metrics.json") - 1])
+            if step is not None and step not in complete:
+                found.append(CheckpointInfo(CheckpointRef.at(stage_uri, step), {}))
     return sorted(found, key=lambda info: info.step)
+
+
+def _step_of_folder(folder_uri: str) -> int | None:
+    """The step in a folder's name as the writer made it (``checkpoint_000040``), else None."""
+    match = _NAME.match(folder_uri.rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
 
 
 def protected_checkpoints(stage_uri: str, s3: storage.S3Settings | None = None) -> set[str]:
@@ -79,8 +123,7 @@ def protected_checkpoints(stage_uri: str, s3: storage.S3Settings | None = None) 
     record_uri = storage.join(stage_uri, SELECTION_RECORD)
     if not storage.exists(record_uri, s3):
         return set()
-    record = storage.read_json(record_uri, s3)
-    return {record["checkpoint_uri"].rstrip("/")} if record.get("checkpoint_uri") else set()
+    return {read_selection_ref(record_uri, s3).uri}
 
 
 def plan_rotation(steps_and_uris: list[tuple[int, str]], keep_last: int, protected: set[str]) -> list[str]:
@@ -102,3 +145,16 @@ def rotate_checkpoints(stage_uri: str, keep_last: int, s3: storage.S3Settings | 
         storage.remove_tree(storage.join(uri, COMPLETE_RECORD), s3)
         storage.remove_tree(uri, s3)
     return doomed
+
+
+def read_selection_ref(record_uri: str, s3: storage.S3Settings | None = None) -> CheckpointRef:
+    """The checkpoint a stage's selection record chose. Records written before the reference
+    existed (``checkpoint_uri`` + ``step``, format llada-selection/1) are read too, so a run
+    selected by an older version keeps its choice."""
+    record = storage.read_json(record_uri, s3)
+    if "checkpoint" in record:
+        return CheckpointRef.from_json(record["checkpoint"], where=f"{record_uri}: checkpoint")
+    uri = str(record.get("checkpoint_uri", "")).rstrip("/")
+    if not uri:
+        raise ValueError(f"{record_uri}: not a selection record (no checkpoint)")
+    return CheckpointRef(uri=uri, hf_uri=record.get("hf_uri") or storage.join(uri, HF_DIR), step=int(record["step"]))

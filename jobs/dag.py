@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from jobs import checkpoints as ckpt
-from jobs.recipe import Recipe
+from jobs.evaluation.tasks import EvalSuiteConfig
+from jobs.recipe import RunRecipe
 from pipelines import storage
 
 DONE_RECORD = "done.json"
@@ -29,7 +30,7 @@ class StageOutcome:
     seconds: float
 
 
-def prepare_data(recipe: Recipe, s3: storage.S3Settings | None, progress: Callable[[str], None]) -> dict[str, Any]:
+def prepare_data(recipe: RunRecipe, s3: storage.S3Settings | None, progress: Callable[[str], None]) -> dict[str, Any]:
     """Corpus, tokenizer, packed shards and one mixture per stage (reused when already there)."""
     from pipelines.prepare import PrepareConfig, prepare
 
@@ -38,19 +39,28 @@ def prepare_data(recipe: Recipe, s3: storage.S3Settings | None, progress: Callab
     return prepare(config, s3, progress=progress)
 
 
-def eval_suite(recipe: Recipe) -> Any:
-    from jobs.evaluation.runner import EvalSuiteConfig, demo_eval_suite
+def eval_suite(recipe: RunRecipe) -> EvalSuiteConfig:
+    from jobs.evaluation.runner import demo_eval_suite
 
-    if recipe.eval == "demo":
-        return demo_eval_suite()
-    return EvalSuiteConfig.model_validate(recipe.eval)
+    return demo_eval_suite() if recipe.eval == "demo" else recipe.eval
 
 
-def corpus_uri(recipe: Recipe) -> str:
+def corpus_uri(recipe: RunRecipe) -> str:
     return storage.join(recipe.data_uri(), "corpus")
 
 
-def read_done(recipe: Recipe, name: str, s3: storage.S3Settings | None) -> dict[str, Any] | None:
+def check_eval_sources(recipe: RunRecipe, s3: storage.S3Settings | None) -> None:
+    """Before any work: every eval file the suite reads exists (``demo:`` sets are written by
+    the data step, so only your own files are checked). ValueError names each missing one."""
+    from jobs.evaluation.tasks import DEMO_PREFIX
+
+    missing = [f"{task.name}: {task.source}" for task in eval_suite(recipe).tasks
+               if not task.source.startswith(DEMO_PREFIX) and not storage.exists(task.source, s3)]
+    if missing:
+        raise ValueError(f"eval.tasks: {len(missing)} source(s) do not exist: {'; '.join(missing)}")
+
+
+def read_done(recipe: RunRecipe, name: str, s3: storage.S3Settings | None) -> dict[str, Any] | None:
     uri = storage.join(recipe.stage_uri(name), DONE_RECORD)
     if not storage.exists(uri, s3):
         return None
@@ -58,14 +68,16 @@ def read_done(recipe: Recipe, name: str, s3: storage.S3Settings | None) -> dict[
     return record if record.get("fingerprint") == recipe.fingerprint(name) else None
 
 
-def read_selection(recipe: Recipe, name: str, s3: storage.S3Settings | None) -> dict[str, Any]:
+def selected_checkpoint(recipe: RunRecipe, name: str, s3: storage.S3Settings | None) -> ckpt.CheckpointRef:
+    """The checkpoint stage ``name`` selected; ValueError when it has not selected one yet."""
     uri = storage.join(recipe.stage_uri(name), ckpt.SELECTION_RECORD)
     if not storage.exists(uri, s3):
         raise ValueError(f"stage {name!r} has no selection record at {uri}: run that stage first")
-    return storage.read_json(uri, s3)
+    return ckpt.read_selection_ref(uri, s3)
 
 
-def score_and_select(recipe: Recipe, name: str, s3: storage.S3Settings | None) -> dict[str, Any]:
+def score_and_select(recipe: RunRecipe, name: str, s3: storage.S3Settings | None,
+                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score every complete checkpoint of the stage, apply its rule, write selection.json."""
     from jobs.evaluation.runner import evaluate_checkpoints_ray
     from jobs.evaluation.selection import select_checkpoint, selection_record
@@ -73,36 +85,42 @@ def score_and_select(recipe: Recipe, name: str, s3: storage.S3Settings | None) -
     checkpoints = ckpt.list_checkpoints(recipe.stage_uri(name), s3)
     if not checkpoints:
         raise RuntimeError(f"stage {name!r} finished without a complete checkpoint under {recipe.stage_uri(name)}")
-    records = evaluate_checkpoints_ray(checkpoints, eval_suite(recipe), corpus_uri(recipe), s3)
-    decision = select_checkpoint(records, recipe.selection_rule(name))
+    relay = None if progress is None else (lambda line: progress(f"[{name}] {line}"))
+    records = evaluate_checkpoints_ray(checkpoints, eval_suite(recipe), corpus_uri(recipe), s3, progress=relay)
+    decision = select_checkpoint(records, recipe.stage(name).select)
     record = selection_record(decision)
     storage.write_json(storage.join(recipe.stage_uri(name), ckpt.SELECTION_RECORD), record, s3)
     return record
 
 
-def run_one_stage(recipe: Recipe, name: str, prepared: dict[str, Any], s3: storage.S3Settings | None) -> dict[str, Any]:
+def run_one_stage(recipe: RunRecipe, name: str, prepared: dict[str, Any], s3: storage.S3Settings | None,
+                  on_step: Callable[[dict[str, Any]], None] | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     from jobs.training.stage import run_stage
 
     stage = recipe.stage(name)
     init_uri = None
     if stage.init_from is not None:
-        init_uri = storage.join(read_selection(recipe, stage.init_from.stage, s3)["checkpoint_uri"], "hf")
+        init_uri = selected_checkpoint(recipe, stage.init_from, s3).hf_uri
     config = recipe.stage_config(
         name, data_uri=storage.join(recipe.data_uri(), "stages", name), output_uri=recipe.stage_uri(name),
         tokenizer_uri=prepared["tokenizer_uri"], init_from=init_uri,
     )
     storage.remove_tree(storage.join(recipe.stage_uri(name), ckpt.SELECTION_RECORD), s3)  # stale if retraining
-    run_stage(config, s3)
-    return score_and_select(recipe, name, s3)
+    run_stage(config, s3, on_step=on_step)
+    return score_and_select(recipe, name, s3, progress)
 
 
-def run_recipe(recipe: Recipe, s3: storage.S3Settings | None = None, only_stage: str | None = None,
-               progress: Callable[[str], None] = print) -> list[StageOutcome]:
-    """Run the recipe's stages in order (or just ``only_stage``, whose inputs must be done)."""
+def run_recipe(recipe: RunRecipe, s3: storage.S3Settings | None = None, only_stage: str | None = None,
+               progress: Callable[[str], None] = print,
+               on_step: Callable[[dict[str, Any]], None] | None = None) -> list[StageOutcome]:
+    """Run the recipe's stages in order (or just ``only_stage``, whose inputs must be done).
+    ``progress`` gets the DAG's lines, ``on_step`` each training step's row."""
     if only_stage is not None:
         init_from = recipe.stage(only_stage).init_from  # a clear error for an unknown name
         if init_from is not None:
-            read_selection(recipe, init_from.stage, s3)  # its input must be done: fail before any work
+            selected_checkpoint(recipe, init_from, s3)  # its input must be done: fail before any work
+    check_eval_sources(recipe, s3)
     storage.write_json(storage.join(recipe.run_uri, "recipe.json"), recipe.model_dump(mode="json"), s3)
     prepared = prepare_data(recipe, s3, progress)
     outcomes = []
@@ -112,12 +130,12 @@ def run_recipe(recipe: Recipe, s3: storage.S3Settings | None = None, only_stage:
         started = time.perf_counter()
         done = read_done(recipe, stage.name, s3)
         if done is not None:
-            progress(f"[dag] {stage.name}: done earlier, skipped (selected {done['selection']['checkpoint_uri']})")
+            progress(f"[dag] {stage.name}: done earlier, skipped (selected step {_step(done['selection'])})")
             outcomes.append(StageOutcome(stage.name, "skipped", done["selection"], 0.0))
             continue
         progress(f"[dag] {stage.name}: training ({stage.kind})")
-        selection = run_one_stage(recipe, stage.name, prepared, s3)
-        progress(f"[dag] {stage.name}: selected {selection['checkpoint_uri']} ({selection['reason']})")
+        selection = run_one_stage(recipe, stage.name, prepared, s3, on_step, progress)
+        progress(f"[dag] {stage.name}: selected {selection['checkpoint']['uri']} ({selection['reason']})")
         storage.write_json(storage.join(recipe.stage_uri(stage.name), DONE_RECORD), {
             "stage": stage.name, "fingerprint": recipe.fingerprint(stage.name), "selection": selection,
             "finished_at": time.time(),
@@ -126,7 +144,7 @@ def run_recipe(recipe: Recipe, s3: storage.S3Settings | None = None, only_stage:
     return outcomes
 
 
-def run_status(recipe: Recipe, s3: storage.S3Settings | None = None) -> list[dict[str, Any]]:
+def run_status(recipe: RunRecipe, s3: storage.S3Settings | None = None) -> list[dict[str, Any]]:
     """Per stage: state, checkpoints with their eval averages, and the selection (for `llada status`)."""
     rows = []
     for stage in recipe.stages:
@@ -135,13 +153,17 @@ def run_status(recipe: Recipe, s3: storage.S3Settings | None = None) -> list[dic
         for info in ckpt.list_checkpoints(stage_uri, s3, include_incomplete=True):
             scores_uri = storage.join(info.uri, "scores.json")
             scores = storage.read_json(scores_uri, s3) if storage.exists(scores_uri, s3) else None
-            checkpoints.append({"step": info.step, "uri": info.uri, "complete": bool(info.record),
+            checkpoints.append({**info.ref.to_json(), "complete": bool(info.record),
                                 "eval_average": scores.get("average") if scores else None})
         selection_uri = storage.join(stage_uri, ckpt.SELECTION_RECORD)
-        selection = storage.read_json(selection_uri, s3) if storage.exists(selection_uri, s3) else None
+        selected = ckpt.read_selection_ref(selection_uri, s3) if storage.exists(selection_uri, s3) else None
         done = read_done(recipe, stage.name, s3)
         state = "done" if done else ("in progress" if checkpoints else "not started")
         rows.append({"stage": stage.name, "kind": stage.kind, "state": state, "checkpoints": checkpoints,
-                     "selected_checkpoint_uri": selection["checkpoint_uri"] if selection else None,
-                     "selection_rule": recipe.selection_rule(stage.name), "selection": selection})
+                     "selected": selected.to_json() if selected else None, "selection_rule": stage.select})
     return rows
+
+
+def _step(selection: dict[str, Any]) -> Any:
+    """The selected step of a selection record (this format or llada-selection/1)."""
+    return selection["checkpoint"]["step"] if "checkpoint" in selection else selection.get("step")

@@ -1,5 +1,8 @@
 """The recipe: one YAML file describing a whole run (data, model, the paper's stages, evals,
-scaling, serving), validated by a strict schema, with ``--set key=value`` overrides.
+scaling), validated by a strict schema when it loads, with ``--set key=value`` overrides.
+
+:class:`RunRecipe` is everything jobs/ runs; the `llada` front door adds the typed ``serve:``
+block (llada.recipe.Recipe), since jobs/ never imports serve/.
 
 Layout of a run in storage (``{storage_uri}/{run_id}``):
 
@@ -14,11 +17,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from jobs.evaluation.tasks import DEMO_PREFIX, EvalSuiteConfig
 from jobs.stage_config import (FaultInjection, ModelSpec, OptimizerSpec, ScalingSpec, ScheduleSpec, StageConfig, Strict,
                                absolute_uri)
 from pipelines import storage
@@ -26,11 +30,10 @@ from pipelines.mixture import MixtureSpec
 from pipelines.prepare import DataSpec
 
 SelectionRule = Literal["best_eval_average", "last"]
-
-
-class InitFrom(Strict):
-    stage: str
-    rule: SelectionRule
+# ``eval: demo`` (the built-in suite over the demo corpus) or a suite; one branch is chosen by the
+# value, so an error names the suite's own field path (eval.suite.tasks.0...).
+EvalBlock = Annotated[Union[Annotated[Literal["demo"], Tag("demo")], Annotated[EvalSuiteConfig, Tag("suite")]],
+                      Discriminator(lambda value: "demo" if value == "demo" else "suite")]
 
 
 class RecipeStage(Strict):
@@ -46,24 +49,39 @@ class RecipeStage(Strict):
     max_position_embeddings: int | None = Field(None, ge=8)
     max_seq_len: int | None = Field(None, ge=8)
     variable_length_prob: float = Field(0.01, ge=0, le=1)
-    init_from: InitFrom | None = None
+    init_from: str | None = None  # an earlier stage: this one starts from the checkpoint it selected
+    select: SelectionRule = "best_eval_average"  # how this stage's own checkpoint is chosen
     checkpoint_every: int = Field(ge=1)
     keep_last: int = Field(3, ge=1)
     scaling: ScalingSpec | None = None  # default: the recipe's
     fault_injection: FaultInjection | None = None  # reliability testing only
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("init_from"), dict):
+            raise ValueError("init_from: name the earlier stage (e.g. `init_from: pretrain1`); how that stage's "
+                             "checkpoint is chosen is now that stage's own `select:` (was init_from.rule)")
+        return values
 
-class Recipe(Strict):
+
+class RunRecipe(Strict):
     run_id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     storage_uri: str
     model: ModelSpec
     data: DataSpec = DataSpec()
     stages: list[RecipeStage] = Field(min_length=1)
-    eval: dict[str, Any] | Literal["demo"] = "demo"  # an EvalSuiteConfig, or the built-in demo suite
-    final_selection: SelectionRule = "best_eval_average"  # for the last stage (what serving loads)
+    eval: EvalBlock = "demo"  # the suite every checkpoint is scored with
     scaling: ScalingSpec = ScalingSpec()
-    serve: dict[str, Any] | None = None  # a serve config (serve/config.py), used by `llada serve`
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "final_selection" in values:
+            raise ValueError("final_selection: removed; each stage names its own rule as `select:` "
+                             "(give the last stage `select: best_eval_average`)")
+        return values
 
     @field_validator("storage_uri")
     @classmethod
@@ -71,21 +89,35 @@ class Recipe(Strict):
         return absolute_uri(uri)  # `./runs` means the folder where the recipe is loaded
 
     @model_validator(mode="after")
-    def _check(self) -> "Recipe":
+    def _check(self) -> "RunRecipe":
         names = [stage.name for stage in self.stages]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"stages: duplicate stage names {duplicates}")
         for index, stage in enumerate(self.stages):
-            if stage.init_from and stage.init_from.stage not in names[:index]:
+            if stage.init_from and stage.init_from not in names[:index]:
                 raise ValueError(
-                    f"stages.{index}.init_from.stage: {stage.init_from.stage!r} is not an earlier stage "
-                    f"(earlier: {names[:index]})")
+                    f"stages.{index}.init_from: {stage.init_from!r} is not an earlier stage (earlier: {names[:index]})")
             try:
                 self.stage_config(stage.name, data_uri="-", output_uri="-")
             except ValueError as error:
                 raise ValueError(f"stages.{index} ({stage.name}): {error}") from None
+        self._check_eval_sources()
         return self
+
+    def _check_eval_sources(self) -> None:
+        """Every eval source must be able to exist for this run: the demo suite and ``demo:``
+        sources read the demo corpus's held-out sets, which only demo data writes."""
+        if self.data.demo:
+            return
+        if self.eval == "demo":
+            raise ValueError("eval: the demo suite scores checkpoints on the demo corpus's held-out sets, but "
+                             "data.demo is false, so there is no demo corpus; give an eval suite whose tasks "
+                             "read your own sources (eval: {tasks: [...]})")
+        demo_tasks = [task.name for task in self.eval.tasks if task.source.startswith(DEMO_PREFIX)]
+        if demo_tasks:
+            raise ValueError(f"eval.tasks: {demo_tasks} read demo: sources, but data.demo is false, so there is "
+                             "no demo corpus; point them at your own eval files")
 
     @property
     def run_uri(self) -> str:
@@ -104,12 +136,8 @@ class Recipe(Strict):
         raise ValueError(f"stage: no stage named {name!r} in the recipe (stages: {[s.name for s in self.stages]})")
 
     def selection_rule(self, name: str) -> SelectionRule:
-        """How the stage's checkpoint is chosen: the rule of the stage that starts from it, or
-        ``final_selection`` for a stage no other stage starts from."""
-        rules = {s.init_from.rule for s in self.stages if s.init_from and s.init_from.stage == name}
-        if len(rules) > 1:
-            raise ValueError(f"stages: stages starting from {name!r} ask for different rules {sorted(rules)}")
-        return rules.pop() if rules else self.final_selection
+        """How the stage's checkpoint is chosen (its own ``select``)."""
+        return self.stage(name).select
 
     def stage_config(self, name: str, data_uri: str, output_uri: str, tokenizer_uri: str | None = None,
                      init_from: str | None = None) -> StageConfig:
@@ -134,7 +162,7 @@ class Recipe(Strict):
         """Hash of everything that determines a stage's result (to tell a finished stage from a
         changed one on rerun)."""
         stage = self.stage(name)
-        upstream = [self.fingerprint(stage.init_from.stage)] if stage.init_from else []
+        upstream = [self.fingerprint(stage.init_from)] if stage.init_from else []
         identity = {"stage": stage.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
                     "data": self.data.model_dump(mode="json"), "scaling": self.scaling.model_dump(mode="json"),
                     "seed": self.seed, "upstream": upstream}
@@ -181,8 +209,9 @@ def _child(node: Any, key: str, path: str) -> Any:
     raise ValueError(f"--set {path}: not a mapping or list")
 
 
-def load_recipe(path_or_uri: str, overrides: list[str] | None = None, s3: storage.S3Settings | None = None) -> Recipe:
-    """Read a recipe YAML (path or URI), apply ``--set`` overrides, validate."""
+def load_recipe(path_or_uri: str, overrides: list[str] | None = None, s3: storage.S3Settings | None = None,
+                schema: type[RunRecipe] = RunRecipe) -> RunRecipe:
+    """Read a recipe YAML (path or URI), apply ``--set`` overrides, validate against ``schema``."""
     try:
         text = storage.read_text(path_or_uri, s3)
     except Exception as error:
@@ -193,4 +222,4 @@ def load_recipe(path_or_uri: str, overrides: list[str] | None = None, s3: storag
         raise ValueError(f"recipe {path_or_uri}: not valid YAML ({error})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {path_or_uri}: expected a mapping at the top level")
-    return Recipe.model_validate(apply_overrides(raw, overrides or []))
+    return schema.model_validate(apply_overrides(raw, overrides or []))

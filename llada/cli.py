@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from llada.commands import add_verbose_argument
+
 
 def _pairs(values: list[str] | None, flag: str) -> list[tuple[str, str]]:
     pairs = []
@@ -48,6 +50,7 @@ def add_data_command(subparsers: Any) -> None:
                          help="also write a stage's mixture (demo weights of NAME, e.g. pretrain1=2000000)")
     prepare.add_argument("--overwrite", action="store_true", help="replace outputs built from other inputs")
     prepare.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    add_verbose_argument(prepare)
     prepare.set_defaults(handler=run_data_prepare)
 
 
@@ -92,9 +95,9 @@ def _prepare_config(args: argparse.Namespace) -> Any:
 
 
 def run_data_prepare(args: argparse.Namespace) -> int:
-    import ray
     from pydantic import ValidationError
 
+    from llada.commands import ray_session
     from pipelines.prepare import prepare, summary_table
     from pipelines.storage import StorageError
 
@@ -102,16 +105,15 @@ def run_data_prepare(args: argparse.Namespace) -> int:
         config = _prepare_config(args)
     except ValidationError as error:
         raise SystemExit(f"llada data prepare: invalid configuration:\n{error}") from None
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
-    try:
-        summary = prepare(config, progress=lambda message: print(message, flush=True))
-    except (StorageError, ValueError, RuntimeError) as error:
-        print(f"llada data prepare: {error}", file=sys.stderr)
-        return 1
-    print()
-    print(summary_table(summary))
-    print(f"tokenizer: {summary['tokenizer_uri']} ({summary['tokenizer_size']} tokens)")
+    with ray_session(args, config.output_uri) as console:
+        try:
+            summary = prepare(config, progress=console.say)
+        except (StorageError, ValueError, RuntimeError) as error:
+            console.error(f"llada data prepare: {error}")
+            return 1
+        console.say()
+        console.say(summary_table(summary))
+        console.say(f"tokenizer: {summary['tokenizer_uri']} ({summary['tokenizer_size']} tokens)")
     return 0
 
 
@@ -128,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from llada.console import Console
+
     args = build_parser().parse_args(argv)
+    args.console = Console(verbose=getattr(args, "verbose", False))
     return int(args.handler(args) or 0)
 
 

@@ -8,13 +8,16 @@ summary table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from llada.console import status_table
+from llada.console import Console, status_table
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "jobs" / "recipes"
 DEMO_RECIPE = RECIPES_DIR / "tiny-cpu.yaml"
@@ -25,13 +28,19 @@ def _recipe_arguments(parser: argparse.ArgumentParser, recipe_optional: bool = F
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set stages.sft.num_steps=10 (repeatable)")
     parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    add_verbose_argument(parser)
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's, Ray Data's and DeepSpeed's own output here instead of in the log file")
 
 
 def load(args: argparse.Namespace, default: Path | None = None) -> Any:
     """The validated recipe, or SystemExit(2) naming the field path."""
     from pydantic import ValidationError
 
-    from jobs.recipe import load_recipe
+    from llada.recipe import load_recipe
 
     path = args.recipe or (str(default) if default else None)
     if path is None:
@@ -57,7 +66,35 @@ def _start_ray(args: argparse.Namespace) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
         import ray.data
 
-        ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+        ray.data.DataContext.get_current().enable_progress_bars = bool(args.verbose and sys.stdout.isatty())
+
+
+def log_location(run_uri: str, command: str) -> tuple[str, str | None]:
+    """(local log file, where to copy it at the end or None): under ``{run}/logs/`` for a local
+    run; for a run in s3://, a local temporary file that is uploaded there when the command ends."""
+    from pipelines import storage
+
+    name = f"llada-{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    if not storage.is_remote(run_uri):
+        return os.path.join(storage.parse_uri(run_uri).path, "logs", name), None
+    return os.path.join(tempfile.gettempdir(), "llada-logs", name), storage.join(run_uri, "logs", name)
+
+
+@contextlib.contextmanager
+def ray_session(args: argparse.Namespace, run_uri: str) -> Iterator[Console]:
+    """The console with every other output routed to the run's log file, then Ray."""
+    from pipelines import storage
+
+    console: Console = args.console
+    log_path, upload_uri = log_location(run_uri, args.command)
+    try:
+        with console.routed(log_path):
+            _start_ray(args)
+            yield console
+    finally:
+        if upload_uri is not None and os.path.exists(log_path):
+            with contextlib.suppress(Exception):  # the log is a convenience; never fail the command for it
+                storage.write_bytes(upload_uri, Path(log_path).read_bytes(), _s3())
 
 
 def _s3() -> Any:
@@ -82,15 +119,15 @@ def run_run(args: argparse.Namespace) -> int:
     from pipelines.storage import StorageError
 
     recipe = load(args)
-    _start_ray(args)
     s3 = _s3()
-    try:
-        run_recipe(recipe, s3, only_stage=args.stage, progress=lambda line: print(line, flush=True))
-    except (ValueError, StorageError) as error:
-        print(f"llada {args.command}: {error}", file=sys.stderr)
-        return 1
-    print()
-    print(status_table(run_status(recipe, s3)))
+    with ray_session(args, recipe.run_uri) as console:
+        try:
+            run_recipe(recipe, s3, only_stage=args.stage, progress=console.say, on_step=console.step)
+        except (ValueError, StorageError) as error:
+            console.error(f"llada {args.command}: {error}")
+            return 1
+        console.say()
+        console.say(status_table(run_status(recipe, s3)))
     return 0
 
 
@@ -106,7 +143,8 @@ def run_status_command(args: argparse.Namespace) -> int:
 
     recipe = load(args)
     rows = run_status(recipe, _s3())
-    print(json.dumps({"run_uri": recipe.run_uri, "stages": rows}, indent=2) if args.json else status_table(rows))
+    args.console.say(json.dumps({"run_uri": recipe.run_uri, "stages": rows}, indent=2) if args.json
+                     else status_table(rows))
     return 0
 
 
@@ -123,35 +161,66 @@ def run_eval(args: argparse.Namespace) -> int:
     from jobs.evaluation.runner import evaluate_checkpoints_ray
 
     recipe = load(args)
-    _start_ray(args)
     s3 = _s3()
     infos = ckpt.list_checkpoints(recipe.stage_uri(recipe.stage(args.stage).name), s3)
     if not infos:
-        print(f"llada eval: stage {args.stage!r} has no complete checkpoint", file=sys.stderr)
+        args.console.error(f"llada eval: stage {args.stage!r} has no complete checkpoint")
         return 1
-    for record in evaluate_checkpoints_ray(infos, eval_suite(recipe), corpus_uri(recipe), s3):
-        print(f"{record['checkpoint_uri']}: average {record['average']:.4f}")
+    with ray_session(args, recipe.run_uri) as console:
+        for record in evaluate_checkpoints_ray(infos, eval_suite(recipe), corpus_uri(recipe), s3, progress=console.say):
+            console.say(f"{record['checkpoint']['uri']}: average {record['average']:.4f}")
     return 0
 
 
 def add_generate_command(subparsers: Any) -> None:
-    generate = subparsers.add_parser("generate", help="sample from a checkpoint (HF-layout folder or a run's SFT)")
+    generate = subparsers.add_parser(
+        "generate", help="sample answers from a checkpoint (an HF-layout folder, local or s3://)",
+        description="Sample with the fast options the server uses (threshold 0.9, dual KV cache, early stop) "
+                    "unless told otherwise; --reference runs the reference loop (one commit per step).")
     generate.add_argument("--checkpoint", required=True, help="HF-layout checkpoint folder (path or s3://)")
     generate.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
     generate.add_argument("--raw", action="store_true", help="no chat template: continue the text as given")
-    generate.add_argument("--gen-length", type=int, default=32)
-    generate.add_argument("--block-length", type=int, default=32)
-    generate.add_argument("--steps", type=int, default=32)
+    generate.add_argument("--gen-length", type=int, default=64, help="answer tokens (default 64)")
+    generate.add_argument("--block-length", type=int, help="tokens per block (default 32, or gen-length if smaller)")
+    generate.add_argument("--steps", type=int, help="sampling steps in total, without a threshold (default gen-length)")
     generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--seed", type=int, default=0, help="seed of the random draws (temperature > 0)")
+    generate.add_argument("--threshold", type=float, help="confidence threshold (default 0.9)")
+    generate.add_argument("--cache", choices=["prefix", "dual", "none"], help="KV cache (default dual)")
+    generate.add_argument("--no-early-stop", action="store_true", help="sample every block even after EOS")
+    generate.add_argument("--reference", action="store_true",
+                          help="the reference loop: no threshold, no cache, no early stop")
     generate.set_defaults(handler=run_generate)
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from llada.demo import sample_answers
+def generation_options(args: argparse.Namespace) -> Any:
+    """The SamplingOptions of `llada generate`'s flags (ValueError naming a bad one)."""
+    from llada_core.options import FAST_OPTIONS, SamplingOptions
 
-    answers = sample_answers(args.checkpoint, args.prompt, chat=not args.raw, gen_length=args.gen_length,
-                             block_length=args.block_length, steps=args.steps, temperature=args.temperature,
-                             s3=_s3())
+    fields: dict[str, Any] = dict(FAST_OPTIONS) if not args.reference else {}
+    fields.update(gen_length=args.gen_length, temperature=args.temperature,
+                  block_length=args.block_length or min(32, args.gen_length))
+    if args.steps is not None:
+        fields["steps"] = args.steps
+    if args.threshold is not None:
+        fields["threshold"] = args.threshold
+    if args.cache is not None:
+        fields["cache"] = None if args.cache == "none" else args.cache
+    if args.no_early_stop:
+        fields["early_stop"] = False
+    return SamplingOptions.checked(**fields)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from llada.answers import sample_answers
+
+    try:
+        options = generation_options(args)
+    except ValueError as error:
+        print(f"llada generate: {error}", file=sys.stderr)
+        return 2
+    answers = sample_answers(args.checkpoint, args.prompt, options, chat=not args.raw,
+                             temperature_seed=args.seed, s3=_s3())
     for prompt, answer in zip(args.prompt, answers):
         print(f"> {prompt}\n{answer}\n")
     return 0
@@ -201,8 +270,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.output:
         args.set = [f"storage_uri={args.output}", *args.set]
     recipe = load(args, default=DEMO_RECIPE)
-    _start_ray(args)
-    run_demo_pipeline(recipe, _s3())
+    with ray_session(args, recipe.run_uri) as console:
+        run_demo_pipeline(recipe, _s3(), console)
     return 0
 
 
@@ -211,29 +280,39 @@ COMMANDS = (add_run_command, add_status_command, add_eval_command, add_generate_
 
 
 def add_serve_command(subparsers: Any) -> None:
-    """`llada serve RECIPE | --checkpoint URI`: with a recipe and no checkpoint, serve the run's
-    selected checkpoint of its last stage (the SFT model)."""
+    """`llada serve RECIPE | --checkpoint URI`: with a recipe (path or URI), its ``serve:`` block
+    (or the shipped config for its hardware) and, without --checkpoint, the checkpoint its last
+    stage selected."""
     from serve.cli import add_serve_command as add_serve_parser
 
-    add_serve_parser(subparsers)
-    subparsers.choices["serve"].set_defaults(handler=run_serve_command)
+    parser = add_serve_parser(subparsers)
+    parser.add_argument("recipe", nargs="?", metavar="RECIPE",
+                        help="recipe whose serve: block gives the settings and whose last stage's selected "
+                             "checkpoint is served (unless --checkpoint)")
+    parser.set_defaults(handler=run_serve_command)
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
-    from jobs.dag import read_selection
-    from pipelines.storage import join
     from serve.cli import run_serve
 
-    if args.recipe and not args.checkpoint:
-        recipe = load(argparse.Namespace(recipe=args.recipe, set=[]))
+    if not args.recipe:
+        return run_serve(args)
+    from jobs.dag import selected_checkpoint
+    from llada.infra.render import default_serve_config
+
+    if args.config:
+        print("llada serve: give either RECIPE or --config, not both", file=sys.stderr)
+        return 2
+    recipe = load(argparse.Namespace(recipe=args.recipe, set=[]))
+    if not args.checkpoint:
         final = recipe.stages[-1].name
         try:
-            args.checkpoint = join(read_selection(recipe, final, _s3())["checkpoint_uri"], "hf")
+            args.checkpoint = selected_checkpoint(recipe, final, _s3()).hf_uri
         except ValueError as error:
             print(f"llada serve: {error}", file=sys.stderr)
             return 2
-        print(f"serving {args.checkpoint} (selected checkpoint of stage {final!r})", flush=True)
-    return run_serve(args)
+        print(f"serving {args.checkpoint} (the checkpoint stage {final!r} selected)", flush=True)
+    return run_serve(args, base=recipe.serve or default_serve_config(recipe))
 
 
 COMMANDS = (*COMMANDS, add_serve_command)

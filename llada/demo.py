@@ -5,48 +5,20 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 import time
 from typing import Any
 
 from jobs.dag import corpus_uri, run_recipe, run_status
-from llada.console import status_table
-from jobs.recipe import Recipe
 from jobs.training.stage import read_history
+from llada.answers import sample_answers
+from llada.console import Console, status_table
+from llada.recipe import Recipe
+from llada_core.options import SamplingOptions
 from pipelines import storage
 
-
-def sample_answers(checkpoint_uri: str, prompts: list[str], chat: bool = True, gen_length: int = 32,
-                   block_length: int = 32, steps: int = 32, temperature: float = 0.0,
-                   s3: storage.S3Settings | None = None) -> list[str]:
-    """Generate an answer per prompt from an HF-layout checkpoint (with its tokenizer)."""
-    import torch
-
-    from llada_core import generate, load_model
-    from llada_core.tokens import format_chat
-    from pipelines.tokenizer import load_tokenizer, special_token_ids
-
-    with tempfile.TemporaryDirectory() as local:
-        folder = storage.download_dir(checkpoint_uri, local, s3) if storage.is_remote(checkpoint_uri) else checkpoint_uri
-        model = load_model(folder, dtype=torch.float32).eval()
-        tokenizer = load_tokenizer(folder)
-    ids = special_token_ids(tokenizer)
-    texts = [format_chat([{"role": "user", "content": p}]) if chat else p for p in prompts]
-    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
-    width = max(len(e) for e in encoded)
-    prompt = torch.full((len(encoded), width), ids.eos, dtype=torch.long)
-    mask = torch.zeros_like(prompt)
-    for row, tokens in enumerate(encoded):  # left padding: each row equals the prompt alone
-        prompt[row, width - len(tokens):] = torch.tensor(tokens)
-        mask[row, width - len(tokens):] = 1
-    out = generate(model, prompt, attention_mask=mask, steps=steps, gen_length=gen_length,
-                   block_length=block_length, temperature=temperature, eot_id=ids.role_end)
-    answers = []
-    for row in out[:, width:].tolist():
-        for stop in (ids.role_end, ids.eos):
-            row = row[: row.index(stop)] if stop in row else row
-        answers.append(tokenizer.decode(row).strip())
-    return answers
+# The demo's samples: the laptop serve config's defaults (answers up to 64 tokens in blocks of 32,
+# the fast options), so they show what `llada serve` answers.
+DEMO_SAMPLING = SamplingOptions.fast(gen_length=64, block_length=32)
 
 
 def demo_prompts(recipe: Recipe, per_task: int = 2, s3: storage.S3Settings | None = None) -> list[dict[str, str]]:
@@ -70,7 +42,7 @@ def write_report(recipe: Recipe, rows: list[dict[str, Any]], samples: list[dict[
              "| stage | checkpoint step | eval average | selected |", "|---|---|---|---|"]
     for row in rows:
         for c in row["checkpoints"]:
-            chosen = "yes" if row["selected_checkpoint_uri"] == c["uri"] else ""
+            chosen = "yes" if row["selected"] and row["selected"]["uri"] == c["uri"] else ""
             average = f"{c['eval_average']:.4f}" if c["eval_average"] is not None else "-"
             lines.append(f"| {row['stage']} | {c['step']} | {average} | {chosen} |")
     lines += ["", "## Samples from the selected SFT checkpoint", ""]
@@ -126,20 +98,22 @@ def _eval_plot(rows: list[dict[str, Any]]) -> bytes:
     return _png(figure)
 
 
-def run_demo_pipeline(recipe: Recipe, s3: storage.S3Settings | None = None) -> dict[str, Any]:
+def run_demo_pipeline(recipe: Recipe, s3: storage.S3Settings | None = None,
+                      console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
     started = time.perf_counter()
-    run_recipe(recipe, s3, progress=lambda line: print(line, flush=True))
+    run_recipe(recipe, s3, progress=console.say, on_step=console.step)
     rows = run_status(recipe, s3)
-    final = rows[-1]["selected_checkpoint_uri"]
+    final = rows[-1]["selected"]
     prompts = demo_prompts(recipe, s3=s3)
-    answers = sample_answers(storage.join(final, "hf"), [p["question"] for p in prompts], s3=s3)
+    answers = sample_answers(final["hf_uri"], [p["question"] for p in prompts], DEMO_SAMPLING, s3=s3)
     samples = [{**p, "answer": a} for p, a in zip(prompts, answers)]
     seconds = time.perf_counter() - started
     report_uri = write_report(recipe, rows, samples, seconds, s3)
-    print()
-    print(status_table(rows))
-    print()
+    console.say()
+    console.say(status_table(rows))
+    console.say()
     for sample in samples:
-        print(f"> {sample['question']}\n  {sample['answer']}   (expected: {sample['expected']})")
-    print(f"\ndemo finished in {seconds / 60:.1f} min; report: {storage.join(report_uri, 'report.md')}")
+        console.say(f"> {sample['question']}\n  {sample['answer']}   (expected: {sample['expected']})")
+    console.say(f"\ndemo finished in {seconds / 60:.1f} min; report: {storage.join(report_uri, 'report.md')}")
     return {"rows": rows, "samples": samples, "seconds": seconds, "report_uri": report_uri}

@@ -8,18 +8,14 @@ from llada_core.checkpoint import CheckpointError, load_config, load_model, save
 from llada_core.config import PRESETS, LLaDAMoEConfig, count_parameters, preset
 from llada_core.likelihood import choose, elbo_nll, elbo_nll_choices
 from llada_core.model import KVCache, LLaDAMoEModelLM, ModelOutput
-from llada_core.sampling import (
-    DEFAULT_FAST_OPTIONS,
-    CommittedBlocks,
-    SamplingOptions,
-    generate,
-    num_transfer_tokens,
-)
+from llada_core.options import FAST_OPTIONS, SamplingOptions
+from llada_core.sampling import DEFAULT_FAST_OPTIONS, CommittedBlocks, generate, left_pad, num_transfer_tokens
 
 __all__ = [
     "CheckpointError",
     "CommittedBlocks",
     "DEFAULT_FAST_OPTIONS",
+    "FAST_OPTIONS",
     "KVCache",
     "PRESETS",
     "SamplingOptions",
@@ -27,6 +23,7 @@ __all__ = [
     "elbo_nll",
     "elbo_nll_choices",
     "generate",
+    "left_pad",
     "load_config",
     "load_model",
     "num_transfer_tokens",

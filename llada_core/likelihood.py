@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llada_core.guidance import guided, with_unconditional_rows
+
 TokenIds = torch.Tensor | Sequence[int]
 
 
@@ -68,11 +70,8 @@ def weighted_masked_nll(
     the unconditional pass seeing the prompt as MASK.
     """
     if cfg_scale > 0:
-        unconditional_BS = noisy_BS.clone()
-        unconditional_BS[:, :prompt_length] = mask_id
-        logits = model(torch.cat([noisy_BS, unconditional_BS])).logits.float()
-        conditional_BSV, unconditional_BSV = logits.chunk(2, dim=0)
-        logits_BSV = unconditional_BSV + (cfg_scale + 1) * (conditional_BSV - unconditional_BSV)
+        both_BS, _ = with_unconditional_rows(noisy_BS, None, prompt_length, mask_id)
+        logits_BSV = guided(model(both_BS).logits, cfg_scale)
     else:
         logits_BSV = model(noisy_BS).logits
     sample_M, position_M = is_masked_BS.nonzero(as_tuple=True)

@@ -7,8 +7,9 @@ The reverse process of LLaDA (paper Eq. 6, LLADA_SPEC section 6): start from
 ``[prompt, MASK x G]``; at every sampling step predict every masked position of the current
 block and commit (unmask) the most confident predictions, the rest stay masked. Blocks are
 filled left to right; the number of commits per step follows a fixed schedule. The public
-entry point, :func:`generate`, takes the arguments of the official LLaDA ``generate()`` with the
-same meaning, plus a ``torch.Generator`` for reproducible sampling.
+entry point, :func:`generate`, takes a :class:`~llada_core.options.SamplingOptions` (or its
+fields as the keywords of the official LLaDA ``generate()``, same meaning) and a
+``torch.Generator`` for reproducible sampling.
 
 The loop is split per block (:func:`_denoise_block`) and per step (logits, predict, select).
 The fast options of LLADA_SPEC section 6 (Fast-dLLM, dInfer) each replace one piece, and with
@@ -31,29 +32,39 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llada_core.guidance import guided, with_unconditional_rows
 from llada_core.model import KVCache
+from llada_core.options import FAST_OPTIONS, SamplingOptions
 
-REMASKING_STRATEGIES = ("low_confidence", "random")
-CACHE_MODES = ("prefix", "dual")
 # The keyword arguments a model's forward needs for ``cache`` (llada_core.model.LLaDAMoEModelLM).
 _CACHE_FORWARD_ARGS = ("use_cache", "past_key_values", "cache_start", "logits_slice")
+# generate()'s keywords that are SamplingOptions fields, with the official defaults.
+_OPTION_KEYWORDS = ("steps", "gen_length", "block_length", "temperature", "cfg_scale", "remasking",
+                    "logits_eos_inf", "confidence_eos_eot_inf", "threshold", "cache", "early_stop")
 
-# The fast options the eval suite and the serve API use unless told otherwise, chosen by
-# measurement (benchmarks/sampler.py; figures in benchmarks/RESULTS.md, "## Sampler").
-DEFAULT_FAST_OPTIONS = MappingProxyType({"threshold": 0.9, "cache": "dual", "early_stop": True})
+# Kept for callers that spread the fast options as keywords; the same values as FAST_OPTIONS.
+DEFAULT_FAST_OPTIONS = FAST_OPTIONS
 
 # Confidence given to a prediction of EOS / end-of-turn when ``confidence_eos_eot_inf`` is on:
 # below every probability (so it is committed only when nothing else is left in the block) but
 # above the -inf that marks positions that may not be committed at all.
 _DEMOTED_CONFIDENCE = -1.0
 
+
+@dataclass(frozen=True)
+class Resolved:
+    """A SamplingOptions with the special token ids of the model it runs on (internal)."""
+
+    options: SamplingOptions
+    mask_id: int
+    eos_id: int | None
+    eot_id: int | None
 
 
 @dataclass(frozen=True)
@@ -89,27 +100,6 @@ class CommittedBlocks:
 BlockCallback = Callable[[CommittedBlocks], None]
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """The validated arguments of :func:`generate` (everything but the tensors and the model)."""
-
-    gen_length: int
-    block_length: int
-    num_blocks: int
-    steps_per_block: int
-    temperature: float
-    cfg_scale: float
-    remasking: str
-    mask_id: int
-    eos_id: int | None
-    eot_id: int | None
-    logits_eos_inf: bool
-    confidence_eos_eot_inf: bool
-    threshold: float | None = None
-    cache: str | None = None
-    early_stop: bool = False
-
-
 def num_transfer_tokens(num_masked_B: torch.Tensor, steps: int) -> torch.Tensor:
     """How many tokens to commit at each of ``steps`` sampling steps -> [B, steps] int64.
 
@@ -139,7 +129,7 @@ def gumbel_max_scores(logits: torch.Tensor, temperature: float, generator: torch
 
 
 def predict(
-    logits_BKV: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None
+    logits_BKV: torch.Tensor, run: Resolved, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted tokens and their confidences at every position of a block -> ([B, K], [B, K]).
 
@@ -147,12 +137,13 @@ def predict(
     uniform random number (``random``). Random draws happen in this order: Gumbel noise
     [B, K, V] (if temperature > 0), then random confidences [B, K] (if ``random``).
     """
+    options = run.options
     logits_BKV = logits_BKV.double()
     if options.logits_eos_inf:
-        logits_BKV = logits_BKV.index_fill(-1, _ids(options.eos_id, logits_BKV.device), -math.inf)
+        logits_BKV = logits_BKV.index_fill(-1, _ids(run.eos_id, logits_BKV.device), -math.inf)
     scores_BKV = gumbel_max_scores(logits_BKV, options.temperature, generator)
     # MASK is an input symbol, never an answer: committing it would leave the position masked.
-    scores_BKV = scores_BKV.index_fill(-1, _ids(options.mask_id, logits_BKV.device), -math.inf)
+    scores_BKV = scores_BKV.index_fill(-1, _ids(run.mask_id, logits_BKV.device), -math.inf)
     predicted_BK = scores_BKV.argmax(dim=-1)
     if options.remasking == "low_confidence":
         probs_BKV = F.softmax(logits_BKV, dim=-1)
@@ -163,7 +154,7 @@ def predict(
         )
     if options.confidence_eos_eot_inf:
         # Instruct models over-predict EOS early; committing it last keeps answers from being cut.
-        stop_ids = [i for i in (options.eos_id, options.eot_id) if i is not None]
+        stop_ids = [i for i in (run.eos_id, run.eot_id) if i is not None]
         is_stop_BK = torch.isin(predicted_BK, torch.tensor(stop_ids, device=predicted_BK.device))
         confidence_BK = confidence_BK.masked_fill(is_stop_BK, _DEMOTED_CONFIDENCE)
     return predicted_BK, confidence_BK
@@ -202,19 +193,12 @@ def model_logits(
     cfg_scale: float,
     mask_id: int,
 ) -> torch.Tensor:
-    """Logits of the mask predictor [B, L, V], with classifier-free guidance when cfg_scale > 0.
-
-    Guidance runs the unconditional pass (prompt replaced by MASK) in the same forward as the
-    conditional one and returns ``uncond + (cfg + 1) * (cond - uncond)`` in float32.
-    """
+    """Logits of the mask predictor [B, L, V], with classifier-free guidance when cfg_scale > 0
+    (both passes in one forward; llada_core.guidance)."""
     if cfg_scale == 0:
         return model(x_BL, attention_mask=attention_mask_BL).logits
-    unconditional_BL = x_BL.clone()
-    unconditional_BL[:, :prompt_length] = mask_id
-    both_mask = None if attention_mask_BL is None else torch.cat([attention_mask_BL, attention_mask_BL])
-    logits = model(torch.cat([x_BL, unconditional_BL]), attention_mask=both_mask).logits.float()
-    conditional_BLV, unconditional_BLV = logits.chunk(2, dim=0)
-    return unconditional_BLV + (cfg_scale + 1) * (conditional_BLV - unconditional_BLV)
+    both_BL, both_mask = with_unconditional_rows(x_BL, attention_mask_BL, prompt_length, mask_id)
+    return guided(model(both_BL, attention_mask=both_mask).logits, cfg_scale)
 
 
 def _ids(token_id: int | None, device: torch.device) -> torch.Tensor:
@@ -227,7 +211,7 @@ def cached_block_logits(
     attention_mask_BL: torch.Tensor | None,
     block: slice,
     prompt_length: int,
-    options: SamplingOptions,
+    run: Resolved,
     kv_cache: KVCache | None,
 ) -> tuple[torch.Tensor, KVCache]:
     """Logits of the block's positions [B, K, V] under a KV cache, and the cache to pass next time.
@@ -239,26 +223,21 @@ def cached_block_logits(
     block's full forward. Classifier-free guidance caches the unconditional rows as well; they
     differ from the conditional ones only in the prompt, which is never recomputed.
     """
-    guided = options.cfg_scale > 0
+    options = run.options
+    is_guided = options.cfg_scale > 0
     block_length = block.stop - block.start
     if kv_cache is None:
         ids_BL, mask_BL = x_BL, attention_mask_BL
-        if guided:
-            unconditional_BL = x_BL.clone()
-            unconditional_BL[:, :prompt_length] = options.mask_id
-            ids_BL = torch.cat([x_BL, unconditional_BL])
-            mask_BL = None if attention_mask_BL is None else torch.cat([attention_mask_BL, attention_mask_BL])
+        if is_guided:
+            ids_BL, mask_BL = with_unconditional_rows(x_BL, attention_mask_BL, prompt_length, run.mask_id)
         out = model(ids_BL, attention_mask=mask_BL, use_cache=True, logits_slice=block)
     else:
         stop = x_BL.shape[1] if options.cache == "prefix" else block.stop
         span_BL = x_BL[:, block.start:stop]
-        if guided:
+        if is_guided:
             span_BL = torch.cat([span_BL, span_BL])
         out = model(span_BL, past_key_values=kv_cache, cache_start=block.start, logits_slice=slice(0, block_length))
-    logits_BKV = out.logits
-    if guided:
-        conditional_BKV, unconditional_BKV = logits_BKV.float().chunk(2, dim=0)
-        logits_BKV = unconditional_BKV + (options.cfg_scale + 1) * (conditional_BKV - unconditional_BKV)
+    logits_BKV = guided(out.logits, options.cfg_scale) if is_guided else out.logits
     return logits_BKV, out.past_key_values
 
 
@@ -268,7 +247,7 @@ def _denoise_block(
     attention_mask_BL: torch.Tensor | None,
     block: slice,
     prompt_length: int,
-    options: SamplingOptions,
+    run: Resolved,
     generator: torch.Generator | None,
 ) -> int:
     """Run the sampling steps of one block, committing into ``x_BL`` in place -> steps run.
@@ -276,25 +255,26 @@ def _denoise_block(
     Fixed schedule: ``steps_per_block`` steps. Threshold: until no position of the block is
     masked (at most K steps, as each step commits at least one per row).
     """
+    options = run.options
     schedule_BS = None
     if options.threshold is None:
-        schedule_BS = num_transfer_tokens((x_BL[:, block] == options.mask_id).sum(-1), options.steps_per_block)
+        schedule_BS = num_transfer_tokens((x_BL[:, block] == run.mask_id).sum(-1), options.steps_per_block)
     kv_cache = None
     sampling_step = 0
     while True:
-        still_masked_BK = x_BL[:, block] == options.mask_id
+        still_masked_BK = x_BL[:, block] == run.mask_id
         done = sampling_step == options.steps_per_block if schedule_BS is not None else not still_masked_BK.any()
         if done:
             return sampling_step
         if options.cache is None:
             logits_BKV = model_logits(
-                model, x_BL, attention_mask_BL, prompt_length, options.cfg_scale, options.mask_id
+                model, x_BL, attention_mask_BL, prompt_length, options.cfg_scale, run.mask_id
             )[:, block]
         else:
             logits_BKV, kv_cache = cached_block_logits(
-                model, x_BL, attention_mask_BL, block, prompt_length, options, kv_cache
+                model, x_BL, attention_mask_BL, block, prompt_length, run, kv_cache
             )
-        predicted_BK, confidence_BK = predict(logits_BKV, options, generator)
+        predicted_BK, confidence_BK = predict(logits_BKV, run, generator)
         confidence_BK = confidence_BK.masked_fill(~still_masked_BK, -math.inf)
         if schedule_BS is not None:
             num_to_commit_B = schedule_BS[:, sampling_step]
@@ -334,6 +314,7 @@ def generate(
     confidence_eos_eot_inf: bool = False,
     generator: torch.Generator | None = None,
     *,
+    options: SamplingOptions | None = None,
     eos_id: int | None = None,
     eot_id: int | None = None,
     on_block: BlockCallback | None = None,
@@ -343,65 +324,49 @@ def generate(
 ) -> torch.Tensor:
     """Sample ``gen_length`` tokens after each prompt (LLaDA reverse process, paper Eq. 6).
 
-    Args (those of the official LLaDA ``generate()``, same meaning):
-        model: mask predictor, ``model(ids [B, L], attention_mask=[B, L] | None).logits`` [B, L, V].
-        prompt: [B, P] token ids; rows of different lengths LEFT-padded.
+    How to sample is a :class:`~llada_core.options.SamplingOptions` (its docstring defines every
+    field): pass one as ``options``, or its fields as keywords (the arguments of the official
+    LLaDA ``generate()``, same names, meaning and defaults, plus ``threshold``, ``cache`` and
+    ``early_stop``), not both. With every fast option off this is the reference loop.
+
+    Args besides the options:
+        model: mask predictor, ``model(ids [B, L], attention_mask=[B, L] | None).logits`` [B, L, V];
+            ``cache`` needs one whose forward takes ``use_cache``, ``past_key_values``,
+            ``cache_start`` and ``logits_slice`` (llada_core's model).
+        prompt: [B, P] token ids; rows of different lengths LEFT-padded (:func:`left_pad`).
         attention_mask: [B, P], 1 for prompt tokens, 0 for padding; None means no padding.
-        steps: sampling steps in total, split evenly over the blocks; at most ``gen_length``.
-        gen_length: number of tokens to generate, a multiple of ``block_length``.
-        block_length: tokens per semi-autoregressive block (``gen_length`` = one block).
-        temperature: 0 is greedy (argmax); > 0 samples by Gumbel-max in float64.
-        cfg_scale: classifier-free guidance weight; 0 turns it off.
-        remasking: ``"low_confidence"`` or ``"random"``: which predictions to commit first.
         mask_id: defaults to ``model.config.mask_token_id``.
-        logits_eos_inf: never predict EOS.
-        confidence_eos_eot_inf: commit EOS / end-of-turn predictions only after every other one.
-    Extra:
         generator: the source of all random draws (must live on the prompt's device).
         eos_id: defaults to ``model.config.eos_token_id``; eot_id: end-of-turn id from the
             tokenizer (``<|role_end|>``), or None to demote EOS only.
         on_block: streaming; called with a :class:`CommittedBlocks` each time blocks become
             final (one block, or after an early stop all that are left): every answer token
             is handed out exactly once, in order, and the last call has ``final`` True.
-    Fast sampling (LLADA_SPEC section 6; all off by default, which is the reference loop):
-        threshold: None (the fixed schedule of ``steps``) or tau in (0, 1]: each step commits
-            every masked position of the block with confidence >= tau, and at least the most
-            confident one; ``steps`` is then unused (a block takes at most block_length steps).
-            tau = 1.0 is one token per step. Needs ``remasking="low_confidence"``.
-        cache: None, ``"prefix"`` or ``"dual"``: a full forward at each block's first step, then
-            the block and all after it (prefix) or only the block (dual) recomputed against
-            cached keys/values. Needs a model whose forward takes ``use_cache``,
-            ``past_key_values``, ``cache_start`` and ``logits_slice`` (llada_core's model).
-        early_stop: after each block, rows whose answer so far ends in EOS are filled with EOS
-            to the end; stop once every row is.
-    Defaults for the eval suite and serving, chosen by measurement: ``DEFAULT_FAST_OPTIONS`` =
-    threshold 0.9, cache "dual", early_stop True. On a trained tiny model (benchmarks/sampler.py,
-    gen 256, block 32, 64 prompts; benchmarks/RESULTS.md "## Sampler") that is 116x the
-    reference's tokens/s at equal exact match (53.1%); dual beat prefix at equal quality (its
-    step is 6.5x cheaper at gen 512, ``small`` preset), and thresholds 0.7-0.9 needed the same
-    number of forwards, so the most conservative of them was kept.
 
     Returns [B, P + G]: the prompt (as given, padding included) followed by the answer.
     """
-    options = _resolve_options(
-        model, steps, gen_length, block_length, temperature, cfg_scale, remasking,
-        mask_id, eos_id, eot_id, logits_eos_inf, confidence_eos_eot_inf, threshold, cache, early_stop,
-    )
-    _check_inputs(prompt, attention_mask, generator, options.mask_id)
+    keywords = dict(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
+                    cfg_scale=cfg_scale, remasking=remasking, logits_eos_inf=logits_eos_inf,
+                    confidence_eos_eot_inf=confidence_eos_eot_inf, threshold=threshold, cache=cache,
+                    early_stop=early_stop)
+    run = resolve(model, _options_of(options, keywords), mask_id, eos_id, eot_id)
+    options = run.options
+    _check_inputs(prompt, attention_mask, generator, run.mask_id)
     batch_size, prompt_length = prompt.shape
-    x_BL = torch.full((batch_size, prompt_length + gen_length), options.mask_id, dtype=torch.long, device=prompt.device)
+    x_BL = torch.full((batch_size, prompt_length + options.gen_length), run.mask_id, dtype=torch.long,
+                      device=prompt.device)
     x_BL[:, :prompt_length] = prompt
     attention_mask_BL = None
     if attention_mask is not None:
         # The generated part is real text for every row: ones, so each row keeps its own positions.
-        answer_mask = attention_mask.new_ones(batch_size, gen_length)
+        answer_mask = attention_mask.new_ones(batch_size, options.gen_length)
         attention_mask_BL = torch.cat([attention_mask, answer_mask], dim=1)
     num_reported = 0  # answer blocks handed to on_block so far
     for block_index in range(options.num_blocks):
         start = prompt_length + block_index * options.block_length
         block = slice(start, start + options.block_length)
-        _denoise_block(model, x_BL, attention_mask_BL, block, prompt_length, options, generator)
-        finished = options.early_stop and fill_after_eos(x_BL, block.stop, options.eos_id)
+        _denoise_block(model, x_BL, attention_mask_BL, block, prompt_length, run, generator)
+        finished = options.early_stop and fill_after_eos(x_BL, block.stop, run.eos_id)
         num_final = options.num_blocks if finished else block_index + 1
         if on_block is not None:
             on_block(_committed(x_BL, prompt_length, range(num_reported, num_final), options))
@@ -418,62 +383,55 @@ def _committed(x_BL: torch.Tensor, prompt_length: int, blocks: range, options: S
                            num_blocks=options.num_blocks)
 
 
-def _resolve_options(
-    model: nn.Module, steps: int, gen_length: int, block_length: int, temperature: float,
-    cfg_scale: float, remasking: str, mask_id: int | None, eos_id: int | None, eot_id: int | None,
-    logits_eos_inf: bool, confidence_eos_eot_inf: bool, threshold: float | None, cache: str | None,
-    early_stop: bool,
-) -> SamplingOptions:
-    """Validate the scalar arguments of :func:`generate`; ValueError names the argument."""
-    for name, value in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    if gen_length % block_length:
-        raise ValueError(f"block_length: {block_length} must divide gen_length={gen_length}")
-    num_blocks = gen_length // block_length
-    _check_fast_options(threshold, cache, early_stop, remasking, model)
-    if threshold is None and steps % num_blocks:  # with a threshold, steps are not used
-        raise ValueError(f"steps: {steps} must be divisible by the number of blocks ({num_blocks} = gen_length / block_length)")
-    if threshold is None and steps > gen_length:
-        raise ValueError(f"steps: {steps} exceeds gen_length={gen_length}; a step must commit at least one token")
-    for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
-    if remasking not in REMASKING_STRATEGIES:
-        raise ValueError(f"remasking: {remasking!r} is not one of {REMASKING_STRATEGIES}")
-    config = getattr(model, "config", None)
-    mask_id = _special_id("mask_id", mask_id, config, "mask_token_id", required=True)
-    eos_required = logits_eos_inf or confidence_eos_eot_inf or early_stop
-    eos_id = _special_id("eos_id", eos_id, config, "eos_token_id", required=eos_required)
-    eot_id = _special_id("eot_id", eot_id, config, "", required=False)
-    return SamplingOptions(
-        gen_length=gen_length, block_length=block_length, num_blocks=num_blocks,
-        steps_per_block=steps // num_blocks, temperature=float(temperature), cfg_scale=float(cfg_scale),
-        remasking=remasking, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
-        logits_eos_inf=bool(logits_eos_inf), confidence_eos_eot_inf=bool(confidence_eos_eot_inf),
-        threshold=None if threshold is None else float(threshold), cache=cache, early_stop=early_stop,
-    )
+def _options_of(options: SamplingOptions | None, keywords: dict[str, Any]) -> SamplingOptions:
+    """The options object, from ``options`` or from generate()'s keywords (never a mix)."""
+    if options is None:
+        return SamplingOptions.checked(**keywords)
+    if not isinstance(options, SamplingOptions):
+        raise ValueError(f"options: expected a SamplingOptions, got {type(options).__name__}")
+    defaults = inspect.signature(generate).parameters
+    mixed = [name for name in _OPTION_KEYWORDS if keywords[name] != defaults[name].default]
+    if mixed:
+        raise ValueError(f"options: give the sampling settings either as `options` or as keywords, not both "
+                         f"(also given: {mixed})")
+    return options
 
 
-def _check_fast_options(
-    threshold: float | None, cache: str | None, early_stop: bool, remasking: str, model: nn.Module
-) -> None:
-    """Validate ``threshold``, ``cache`` and ``early_stop``; ValueError names the argument."""
-    if threshold is not None:
-        is_number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-        if not is_number or not 0 < threshold <= 1:  # NaN fails the comparison too
-            raise ValueError(f"threshold: must be None or a number in (0, 1], got {threshold!r}")
-        if remasking != "low_confidence":
-            raise ValueError(f"threshold: needs remasking='low_confidence' (a {remasking} confidence is not a probability)")
-    if cache is not None:
-        if cache not in CACHE_MODES:
-            raise ValueError(f"cache: {cache!r} is not one of (None, {', '.join(map(repr, CACHE_MODES))})")
+def resolve(model: nn.Module, options: SamplingOptions, mask_id: int | None = None, eos_id: int | None = None,
+            eot_id: int | None = None) -> Resolved:
+    """The options with the model's special ids; checks what depends on the model (ValueError
+    naming the argument): ids inside its vocabulary, EOS known when an option needs it, and a
+    forward that takes a KV cache when ``cache`` is set."""
+    if options.cache is not None:
         accepted = inspect.signature(model.forward).parameters
         missing = [name for name in _CACHE_FORWARD_ARGS if name not in accepted]
         if missing:
             raise ValueError(f"cache: {type(model).__name__}.forward does not take {missing}; use llada_core's LLaDAMoEModelLM")
-    if not isinstance(early_stop, bool):
-        raise ValueError(f"early_stop: must be True or False, got {early_stop!r}")
+    config = getattr(model, "config", None)
+    mask_id = _special_id("mask_id", mask_id, config, "mask_token_id", required=True)
+    eos_required = options.logits_eos_inf or options.confidence_eos_eot_inf or options.early_stop
+    eos_id = _special_id("eos_id", eos_id, config, "eos_token_id", required=eos_required)
+    eot_id = _special_id("eot_id", eot_id, config, "", required=False)
+    assert mask_id is not None
+    return Resolved(options=options, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts of different lengths as generate() takes them: LEFT-padded to the longest ->
+    (ids [B, P], attention mask [B, P], or None when no row is padded, the exact call a prompt
+    alone makes). The model gives each row its own positions and no query attends to padding,
+    so a row's answer equals the one it gets alone."""
+    width = max((len(prompt) for prompt in prompts), default=0)
+    prompt_BP = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask_BP = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            prompt_BP[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
+            mask_BP[row, width - len(prompt):] = 1
+    if all(len(prompt) == width for prompt in prompts):
+        return prompt_BP, None
+    return prompt_BP, mask_BP
 
 
 def _special_id(name: str, value: int | None, config: object, config_field: str, required: bool) -> int | None:

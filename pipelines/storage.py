@@ -12,6 +12,7 @@ target; an S3 write is a single PUT, which S3 makes visible all at once. Multi-f
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import glob as globlib
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -349,3 +350,24 @@ def download_dir(uri: str, local_dir: str, s3: S3Settings | None = None) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(read_bytes(file_uri, s3))
     return local_dir
+
+
+@contextlib.contextmanager
+def local_copy(uri: str, s3: S3Settings | None = None, only: tuple[str, ...] | None = None,
+               prefix: str = "llada-") -> Iterator[str]:
+    """A local folder holding the files under ``uri``: the folder itself when it is local, else a
+    temporary download removed when the ``with`` ends (read inside it). ``only`` limits a
+    download to these file names (those that exist), e.g. a checkpoint's small files."""
+    location = parse_uri(uri)
+    if location.scheme == "file":
+        yield location.path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as local:
+        if only is None:
+            download_dir(uri, local, s3)
+        else:
+            for name in only:
+                source = join(uri, name)
+                if exists(source, s3):
+                    (Path(local) / name).write_bytes(read_bytes(source, s3))
+        yield local

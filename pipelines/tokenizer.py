@@ -121,12 +121,8 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, uri: str, s3: storage.S3S
 def load_tokenizer(uri: str, s3: storage.S3Settings | None = None) -> PreTrainedTokenizerFast:
     """Load any HF tokenizer directory that has a tokenizer.json, local or on S3. Nothing is
     downloaded from the Hub (``local_files_only``)."""
-    location = storage.parse_uri(uri)
-    if location.scheme == "s3":
-        with tempfile.TemporaryDirectory(prefix="llada-tokenizer-") as local:
-            storage.download_dir(uri, local, s3)
-            return _load_local(local, display=uri)
-    return _load_local(location.path, display=uri)
+    with storage.local_copy(uri, s3, prefix="llada-tokenizer-") as local:
+        return _load_local(local, display=uri)
 
 
 def _load_local(path: str, display: str) -> PreTrainedTokenizerFast:

@@ -34,16 +34,13 @@ from serve.config import ServeConfig
 from serve.protocol import ChatCompletionRequest, CompletionRequest
 from serve.text import TextAssembler, make_decoder
 from serve.validation import (
-    EXTENSION_OPTIONS,
     ModelInfo,
     RequestError,
     chat_prompt,
-    check_extensions,
     check_model_name,
     completion_prompts,
     resolve_sampling,
     sample_requests,
-    sampler_extensions,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,33 +64,27 @@ class OpenAIServer:
     assemble text, answer as JSON or SSE."""
 
     def __init__(self, backend: SamplerBackend, tokenizer: Any, model: ModelInfo, config: ServeConfig,
-                 api_key: str | None = None, extensions: frozenset[str] | None = None) -> None:
+                 api_key: str | None = None) -> None:
         self.backend, self.tokenizer, self.model, self.config = backend, tokenizer, model, config
         self.api_key = api_key
-        self.extensions = sampler_extensions() if extensions is None else extensions
         self.decode = make_decoder(tokenizer)
         self.stop_ids = frozenset(i for i in (model.eos_id, model.eot_id) if i is not None)
         self.created = int(time.time())
-        try:
-            check_extensions({name: getattr(config.sampling, name) for name in EXTENSION_OPTIONS}, self.extensions)
-        except RequestError as error:
-            raise ValueError(f"sampling.{error.message}") from None
 
     # ------------------------------------------------------------ endpoints
 
     async def completions(self, body: CompletionRequest) -> Response:
         check_model_name(body.model, self.config.model_name)
-        max_tokens, params = resolve_sampling(body, body.max_tokens, self.config, self.extensions, self.model)
+        sampling = resolve_sampling(body, body.max_tokens, self.config)
         prompts = completion_prompts(body, self.tokenizer, self.config)
-        requests = sample_requests(prompts, max_tokens, params, self.model, self.config, "prompt", body.stream)
+        requests = sample_requests(prompts, sampling, self.model, self.config, "prompt", body.stream)
         return await self._answer(body, requests, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         check_model_name(body.model, self.config.model_name)
-        max_tokens, params = resolve_sampling(body, body.requested_max_tokens(), self.config,
-                                              self.extensions, self.model)
+        sampling = resolve_sampling(body, body.requested_max_tokens(), self.config)
         prompts = [chat_prompt(body, self.tokenizer, self.config)]
-        requests = sample_requests(prompts, max_tokens, params, self.model, self.config, "messages", body.stream)
+        requests = sample_requests(prompts, sampling, self.model, self.config, "messages", body.stream)
         return await self._answer(body, requests, chat=True)
 
     def models(self) -> dict[str, Any]:

@@ -17,8 +17,9 @@ Which requests may be sampled together, with each output equal to the request se
 - Different max_tokens: yes, when they round up to the same gen_length. gen_length is max_tokens
   rounded up to a multiple of block_length (served alone, the request is rounded the same way);
   each row is cut back to its own max_tokens.
-- Every other sampling parameter (steps, block_length, temperature, cfg_scale, remasking, the
-  EOS options and the sampler extensions threshold/cache/early_stop) is part of the key.
+- Every other sampling option (the request's whole :class:`~llada_core.options.SamplingOptions`:
+  steps, block_length, temperature, cfg_scale, remasking, the EOS options, threshold, cache,
+  early_stop) is part of the key.
 - A seeded stochastic request runs alone: one generator draws the noise of the whole batch, so
   a row's noise depends on its batch mates and the seed would not reproduce the output.
 """
@@ -36,39 +37,15 @@ from typing import Any, AsyncIterator, Callable, Hashable, Sequence
 import torch
 from torch import nn
 
-from llada_core.sampling import CommittedBlocks, generate
+from llada_core.options import SamplingOptions
+from llada_core.sampling import CommittedBlocks, generate, left_pad
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """The arguments of :func:`llada_core.generate` one request asks for (validated)."""
-
-    gen_length: int
-    steps: int
-    block_length: int
-    temperature: float = 0.0
-    cfg_scale: float = 0.0
-    remasking: str = "low_confidence"
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
-    eot_id: int | None = None
-    extensions: tuple[tuple[str, Any], ...] = ()  # threshold/cache/early_stop, where generate has them
-    seed: int | None = None  # only kept for stochastic sampling
-
-    @property
-    def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
-
-    @property
-    def stochastic(self) -> bool:
-        return self.temperature > 0 or self.remasking == "random"
-
-
-@dataclass(frozen=True)
 class SampleRequest:
-    """One prompt to sample: token ids, how many answer tokens to return, and the parameters.
+    """One prompt to sample: token ids, how many answer tokens to return, and how to sample.
 
     ``deadline`` is a ``time.time()`` after which nobody waits for the answer any more;
     ``stream_blocks`` False asks the replica for one message at the end instead of one per block
@@ -78,7 +55,9 @@ class SampleRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     max_tokens: int
-    params: SamplingParams
+    options: SamplingOptions
+    eot_id: int | None = None  # the tokenizer's end of turn (generate()'s eot_id)
+    seed: int | None = None  # only kept for stochastic sampling
     deadline: float = math.inf
     stream_blocks: bool = True
 
@@ -111,9 +90,10 @@ class SampleFailure:
 
 def batch_key(request: SampleRequest) -> Hashable:
     """Requests with equal keys may share a batch (see the module docstring)."""
-    if request.params.seed is not None:
-        return (request.params, request.request_id)
-    return request.params
+    key = (request.options, request.eot_id)
+    if request.seed is not None and request.options.stochastic:
+        return (*key, request.request_id)
+    return key
 
 
 def group_requests(requests: Sequence[SampleRequest]) -> list[list[int]]:
@@ -122,26 +102,6 @@ def group_requests(requests: Sequence[SampleRequest]) -> list[list[int]]:
     for index, request in enumerate(requests):
         groups.setdefault(batch_key(request), []).append(index)
     return list(groups.values())
-
-
-def left_pad(
-    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompts LEFT-padded to the longest -> (ids [B, P], attention mask [B, P] or None).
-
-    The mask is None when every prompt has the same length (no padding), the exact call a
-    request alone makes.
-    """
-    width = max(len(prompt) for prompt in prompts)
-    prompt_BP = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask_BP = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        if prompt:
-            prompt_BP[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long, device=device)
-            mask_BP[row, width - len(prompt):] = 1
-    if all(len(prompt) == width for prompt in prompts):
-        return prompt_BP, None
-    return prompt_BP, mask_BP
 
 
 def committed_tokens(committed: CommittedBlocks, max_tokens: Sequence[int]) -> list[tuple[int, ...]]:
@@ -163,28 +123,22 @@ def sample_group(model: nn.Module, requests: Sequence[SampleRequest], on_block: 
     :class:`~llada_core.sampling.CommittedBlocks` contract): concatenated over the calls, each
     request's tokens are exactly its returned answer.
     """
-    params = requests[0].params
-    assert all(batch_key(r) == batch_key(requests[0]) for r in requests), "mixed batch keys"
+    first = requests[0]
+    assert all(batch_key(r) == batch_key(first) for r in requests), "mixed batch keys"
     device = next(model.parameters()).device
-    pad_id = model.config.pad_token_id
-    prompt_BP, mask_BP = left_pad([r.prompt_ids for r in requests], pad_id, device)
+    prompt_BP, mask_BP = left_pad([r.prompt_ids for r in requests], model.config.pad_token_id, device)
     width = prompt_BP.shape[1]
     max_tokens = [r.max_tokens for r in requests]
     generator = None
-    if params.stochastic and params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
+    if first.options.stochastic and first.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(first.seed)
 
     def blocks_done(committed: CommittedBlocks) -> None:
         if on_block is not None:
             on_block(committed.blocks.stop, committed_tokens(committed, max_tokens))
 
-    x_BL = generate_fn(
-        model, prompt_BP, attention_mask=mask_BP, steps=params.steps, gen_length=params.gen_length,
-        block_length=params.block_length, temperature=params.temperature, cfg_scale=params.cfg_scale,
-        remasking=params.remasking, logits_eos_inf=params.logits_eos_inf,
-        confidence_eos_eot_inf=params.confidence_eos_eot_inf, generator=generator, eot_id=params.eot_id,
-        on_block=blocks_done, **dict(params.extensions),
-    )
+    x_BL = generate_fn(model, prompt_BP, attention_mask=mask_BP, options=first.options, generator=generator,
+                       eot_id=first.eot_id, on_block=blocks_done)
     answers = x_BL[:, width:].tolist()
     return [tuple(answer[:limit]) for answer, limit in zip(answers, max_tokens, strict=True)]
 
@@ -311,7 +265,7 @@ class BatchRunner:
         if not live:
             return
         loop = asyncio.get_running_loop()
-        num_blocks = live[0].request.params.num_blocks
+        num_blocks = live[0].request.options.num_blocks
 
         def deliver(blocks_done: int, tokens: list[tuple[int, ...]]) -> None:
             for waiting, row in zip(live, tokens, strict=True):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from typing import Iterator
 
 from llada_core.checkpoint import load_config
@@ -29,24 +28,9 @@ class CheckpointNotFound(ValueError):
 def local_checkpoint(uri: str, s3: storage.S3Settings | None = None,
                      only: tuple[str, ...] | None = None) -> Iterator[str]:
     """A local folder with the checkpoint's files (``only`` these names, if given)."""
-    location = storage.parse_uri(uri)
-    if location.scheme == "file":
-        if not os.path.isfile(os.path.join(location.path, "config.json")):
-            raise CheckpointNotFound(f"checkpoint {uri}: no config.json there; pass the folder of an exported "
-                                     "(HF-layout) checkpoint")
-        yield location.path
-        return
-    with tempfile.TemporaryDirectory(prefix="llada-serve-") as local:
-        if only is None:
-            storage.download_dir(uri, local, s3)
-        else:
-            for name in only:
-                source = storage.join(uri, name)
-                if storage.exists(source, s3):
-                    with open(os.path.join(local, name), "wb") as handle:
-                        handle.write(storage.read_bytes(source, s3))
+    with storage.local_copy(uri, s3, only=only, prefix="llada-serve-") as local:
         if not os.path.isfile(os.path.join(local, "config.json")):
-            raise CheckpointNotFound(f"checkpoint {uri}: no config.json there; pass the prefix of an exported "
+            raise CheckpointNotFound(f"checkpoint {uri}: no config.json there; pass the folder of an exported "
                                      "(HF-layout) checkpoint")
         yield local
 

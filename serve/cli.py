@@ -22,11 +22,8 @@ from serve.config import AppArgs, ServeConfig, load_serve_config
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", nargs="?", metavar="RECIPE",
-                        help="recipe YAML whose `serve:` block gives the settings (the checkpoint still comes "
-                             "from --checkpoint until recipes name their selected checkpoint)")
     parser.add_argument("--checkpoint", metavar="URI", help="exported checkpoint: a path, file:// or s3:// URI")
-    parser.add_argument("--config", metavar="FILE", help="serve config YAML (serve/config.py: ServeConfig)")
+    parser.add_argument("--config", metavar="FILE", help="serve config YAML, path or URI (serve/config.py: ServeConfig)")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
     parser.add_argument("--model-name", help="model id clients send (default llada-moe)")
@@ -38,30 +35,36 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_serve_command(subparsers: Any) -> None:
-    """Add ``serve`` to the ``llada`` command's subparsers."""
+    """Add ``serve`` to a command's subparsers."""
     parser = subparsers.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible API (Ray Serve)")
     add_serve_arguments(parser)
     parser.set_defaults(handler=run_serve)
+    return parser
 
 
-def app_args_from_cli(args: argparse.Namespace) -> AppArgs:
-    """AppArgs from the flags; raises ValueError / ValidationError naming the problem."""
-    if args.recipe and args.config:
+def app_args_from_cli(args: argparse.Namespace, base: ServeConfig | None = None) -> AppArgs:
+    """AppArgs from the flags over ``base`` (a config already loaded, e.g. a recipe's serve
+    block) or ``--config``; raises ValueError / ValidationError naming the problem."""
+    if base is not None and args.config:
         raise ValueError("give either RECIPE or --config, not both")
     overrides = {field: getattr(args, flag) for flag, field in (
         ("host", "host"), ("port", "port"), ("model_name", "model_name"), ("api_key_env", "api_key_env"))
         if getattr(args, flag) is not None}
-    source = args.recipe or args.config
-    config = load_serve_config(source, overrides) if source else ServeConfig.model_validate(overrides)
+    if base is not None:
+        config = ServeConfig.model_validate({**base.model_dump(), **overrides})
+    elif args.config:
+        config = load_serve_config(args.config, overrides)
+    else:
+        config = ServeConfig.model_validate(overrides)
     if not args.checkpoint:
-        raise ValueError("--checkpoint: required (the URI of an exported checkpoint; recipes cannot name "
-                         "their selected checkpoint yet)")
+        raise ValueError("--checkpoint: required (the hf/ folder of an exported checkpoint; `llada serve RECIPE` "
+                         "finds the one the recipe's last stage selected)")
     return AppArgs(checkpoint=args.checkpoint, config=config)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace, base: ServeConfig | None = None) -> int:
     try:
-        app_args = app_args_from_cli(args)
+        app_args = app_args_from_cli(args, base)
     except (ValidationError, ValueError) as error:
         print(f"llada serve: invalid configuration: {error}", file=sys.stderr)
         return 2

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llada_core.options import FAST_OPTIONS, SamplingOptions
+from pipelines import storage
 from pipelines.storage import S3Settings
 
 
@@ -25,13 +27,13 @@ class _Strict(BaseModel):
 
 
 class SamplingDefaults(_Strict):
-    """Diffusion parameters used when a request does not give them (LLADA_SPEC section 6).
-
-    A request gives ``steps`` in total (the official meaning); when it does not, each block
-    gets ``steps_per_block`` steps, and ``null`` means one commit per step (steps = generated
-    length), the reference setting. ``threshold``, ``cache`` and ``early_stop`` are the sampler's
-    accelerations (llada_core.sampling.DEFAULT_FAST_OPTIONS lists the measured choice:
-    0.9, "dual", true); null leaves them off, i.e. the reference loop.
+    """How a request is sampled when it does not say (LLADA_SPEC section 6); the fields of
+    :class:`llada_core.options.SamplingOptions` the server takes from requests, with
+    ``max_tokens`` in place of gen_length (rounded up to whole blocks) and ``steps_per_block``
+    in place of steps: ``null`` means one commit per step (steps = generated length), the
+    reference setting. The defaults here are the measured fast options
+    (``llada_core.options.FAST_OPTIONS``: threshold 0.9, dual cache, early stop); set them to
+    null / false for the reference loop.
     """
 
     max_tokens: int = Field(64, ge=1)
@@ -40,9 +42,19 @@ class SamplingDefaults(_Strict):
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     cfg_scale: float = Field(0.0, ge=0.0, allow_inf_nan=False)
-    threshold: float | None = Field(None, gt=0.0, le=1.0)
-    cache: str | None = Field(None, min_length=1, max_length=32)
-    early_stop: bool | None = None
+    threshold: float | None = Field(FAST_OPTIONS["threshold"], gt=0.0, le=1.0)
+    cache: Literal["prefix", "dual"] | None = FAST_OPTIONS["cache"]
+    early_stop: bool = FAST_OPTIONS["early_stop"]
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "SamplingDefaults":
+        """The defaults must make a valid SamplingOptions for a one-block answer."""
+        steps = self.block_length if self.steps_per_block is None else min(self.block_length, self.steps_per_block)
+        values = self.model_dump(exclude={"max_tokens", "steps_per_block"})
+        SamplingOptions.checked(gen_length=self.block_length, steps=steps, **values)
+        return self
 
 
 class Limits(_Strict):
@@ -167,20 +179,22 @@ class AppArgs(_Strict):
     s3: S3Settings | None = None
 
 
-def load_serve_config(path: str, overrides: dict[str, Any] | None = None) -> ServeConfig:
-    """A ServeConfig from a YAML file: either the config itself or a recipe with a ``serve:``
-    block. ``overrides`` (top-level fields, e.g. from CLI flags) win over the file."""
+def load_serve_config(uri: str, overrides: dict[str, Any] | None = None) -> ServeConfig:
+    """A ServeConfig from a YAML file (a path or a URI, s3:// too). ``overrides`` (top-level
+    fields, e.g. from CLI flags) win over the file. A recipe's ``serve:`` block is read by the
+    recipe itself (llada.recipe), not here."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
-    except OSError as error:
-        raise ValueError(f"{path}: cannot read the serve config ({error.strerror})") from None
+        text = storage.read_text(uri)
+    except (OSError, storage.StorageError) as error:
+        raise ValueError(f"{uri}: cannot read the serve config ({error})") from None
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error})") from None
+        raise ValueError(f"{uri}: not valid YAML ({error})") from None
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of serve settings, got {type(loaded).__name__}")
-    values = dict(loaded["serve"]) if isinstance(loaded.get("serve"), dict) else dict(loaded)
-    values.update(overrides or {})
-    return ServeConfig.model_validate(values)
+        raise ValueError(f"{uri}: expected a mapping of serve settings, got {type(loaded).__name__}")
+    if "stages" in loaded or "serve" in loaded:
+        raise ValueError(f"{uri}: this is a recipe, not a serve config; use `llada serve RECIPE` (its serve: block)")
+    return ServeConfig.model_validate({**loaded, **(overrides or {})})

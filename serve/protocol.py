@@ -85,8 +85,9 @@ class StreamOptions(_Body):
 
 
 class DiffusionParameters(_Body):
-    """Extra body fields (``extra_body=`` in the openai client); each defaults to the serve
-    config's ``sampling`` value. See LLADA_SPEC section 6."""
+    """Extra body fields (``extra_body=`` in the openai client); each one left out takes the serve
+    config's ``sampling`` value (llada_core.options.SamplingOptions defines them; LLADA_SPEC 6).
+    ``threshold`` and ``cache`` sent as null turn that option off."""
 
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
@@ -94,11 +95,12 @@ class DiffusionParameters(_Body):
     block_length: int | None = Field(None, ge=1, le=2**31 - 1, description="tokens per semi-autoregressive block")
     remasking: Literal["low_confidence", "random"] | None = None
     cfg_scale: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="classifier-free guidance")
-    threshold: float | None = Field(None, gt=0.0, le=1.0, description="confidence-threshold parallel decoding")
-    cache: str | None = Field(None, max_length=32, description="KV cache mode, where the sampler has one")
-    early_stop: bool | None = None
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="confidence-threshold parallel decoding; "
+                                    "null turns it off (the fixed schedule of `steps`)")
+    cache: str | None = Field(None, max_length=32, description="KV cache mode: prefix or dual; null turns it off")
+    early_stop: bool | None = Field(None, description="stop once every answer has ended in EOS")
+    logits_eos_inf: bool | None = Field(None, description="never predict EOS")
+    confidence_eos_eot_inf: bool | None = Field(None, description="commit EOS / end of turn after every other token")
     ignore_eos: bool = Field(False, description="return all max_tokens tokens, EOS included")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None

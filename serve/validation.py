@@ -7,23 +7,26 @@ the field; the API turns it into OpenAI's error shape.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from llada_core import sampling as core_sampling
+from pydantic import ValidationError
+
 from llada_core import tokens
-from llada_core.sampling import generate
-from serve.batching import SampleRequest, SamplingParams
+from llada_core.options import SamplingOptions, describe_error
+from serve.batching import SampleRequest
 from serve.config import ServeConfig
 from serve.protocol import ChatCompletionRequest, CompletionRequest, DiffusionParameters
 
-# Options of llada_core.generate added by the sampler-acceleration work (issue 7). Passed
-# through only when the installed generate() accepts them; this tuple is the one place to edit.
-EXTENSION_OPTIONS = ("threshold", "cache", "early_stop")
+# Request fields that are SamplingOptions fields of the same name: each falls back to the serve
+# config's sampling default when the request leaves it out.
+_OPTION_FIELDS = ("block_length", "temperature", "cfg_scale", "remasking", "threshold", "cache", "early_stop",
+                  "logits_eos_inf", "confidence_eos_eot_inf")
+# Options that are off when null: a request turns them off by sending null explicitly.
+_NULL_MEANS_OFF = ("threshold", "cache")
 # Characters per prompt token above which a prompt is refused before tokenising it (a guard
 # against huge strings; the token cap is the real limit).
 MAX_CHARS_PER_TOKEN = 64
@@ -49,24 +52,6 @@ class ModelInfo:
     eot_id: int | None
 
 
-def sampler_extensions(generate_fn: Callable[..., Any] = generate) -> frozenset[str]:
-    """Which of EXTENSION_OPTIONS the installed ``generate`` accepts."""
-    parameters = inspect.signature(generate_fn).parameters
-    return frozenset(name for name in EXTENSION_OPTIONS if name in parameters)
-
-
-def check_extensions(values: dict[str, Any], extensions: frozenset[str]) -> None:
-    """Sampler accelerations asked for must exist in this generate(); a cache mode must be one
-    it knows (checked here so that a bad value never takes a place in a batch)."""
-    for name, value in values.items():
-        if value is not None and name not in extensions:
-            raise RequestError(400, f"{name}: not supported by this server's sampler "
-                               f"(llada_core.generate has no `{name}` argument)", param=name)
-    modes = getattr(core_sampling, "CACHE_MODES", None)
-    if values.get("cache") is not None and modes is not None and values["cache"] not in modes:
-        raise RequestError(400, f"cache: {values['cache'][:32]!r} is not one of {list(modes)}", param="cache")
-
-
 def check_model_name(requested: str, served: str) -> None:
     if requested != served:
         shown = requested[:100].encode("utf-8", "backslashreplace").decode()
@@ -74,9 +59,20 @@ def check_model_name(requested: str, served: str) -> None:
                            param="model", code="model_not_found")
 
 
-def resolve_sampling(body: DiffusionParameters, requested_max_tokens: int | None, config: ServeConfig,
-                     extensions: frozenset[str], model: ModelInfo) -> tuple[int, SamplingParams]:
-    """(max_tokens, SamplingParams) of a request: its fields, else the config's defaults.
+@dataclass(frozen=True)
+class Sampling:
+    """How a request is sampled: max_tokens, the SamplingOptions, and the seed (kept only when
+    the options draw random numbers)."""
+
+    max_tokens: int
+    options: SamplingOptions
+    seed: int | None = None
+
+
+def resolve_sampling(body: DiffusionParameters, requested_max_tokens: int | None,
+                     config: ServeConfig) -> Sampling:
+    """A request's sampling: its fields, else the config's defaults, checked once by
+    SamplingOptions (a bad value is a 400 naming the field).
 
     gen_length is max_tokens rounded up to a multiple of block_length; ``steps`` (total, as in
     the official generate) must split evenly over the blocks and be at most gen_length.
@@ -86,10 +82,14 @@ def resolve_sampling(body: DiffusionParameters, requested_max_tokens: int | None
     if max_tokens > limits.max_tokens:
         raise RequestError(400, f"max_tokens: {max_tokens} exceeds this server's cap of {limits.max_tokens}",
                            param="max_tokens")
-    block_length = body.block_length if body.block_length is not None else defaults.block_length
+    values = {name: getattr(body, name) if _given(body, name) else getattr(defaults, name) for name in _OPTION_FIELDS}
+    block_length = values["block_length"]
     if block_length > limits.max_tokens:
         raise RequestError(400, f"block_length: {block_length} exceeds this server's cap of {limits.max_tokens}",
                            param="block_length")
+    if values["cfg_scale"] > limits.max_cfg_scale:
+        raise RequestError(400, f"cfg_scale: {values['cfg_scale']} exceeds this server's cap of "
+                           f"{limits.max_cfg_scale}", param="cfg_scale")
     num_blocks = math.ceil(max_tokens / block_length)
     gen_length = num_blocks * block_length
     if body.steps is None:
@@ -98,25 +98,17 @@ def resolve_sampling(body: DiffusionParameters, requested_max_tokens: int | None
     else:
         steps = body.steps
         _check_steps(steps, num_blocks, gen_length, max_tokens, block_length, limits.max_steps)
-    cfg_scale = body.cfg_scale if body.cfg_scale is not None else defaults.cfg_scale
-    if cfg_scale > limits.max_cfg_scale:
-        raise RequestError(400, f"cfg_scale: {cfg_scale} exceeds this server's cap of {limits.max_cfg_scale}",
-                           param="cfg_scale")
-    temperature = body.temperature if body.temperature is not None else defaults.temperature
-    remasking = body.remasking if body.remasking is not None else defaults.remasking
-    given = {name: getattr(body, name) if getattr(body, name) is not None else getattr(defaults, name)
-             for name in EXTENSION_OPTIONS}
-    check_extensions(given, extensions)
-    params = SamplingParams(
-        gen_length=gen_length, steps=steps, block_length=block_length, temperature=float(temperature),
-        cfg_scale=float(cfg_scale), remasking=remasking, logits_eos_inf=body.logits_eos_inf,
-        confidence_eos_eot_inf=body.confidence_eos_eot_inf, eot_id=model.eot_id,
-        extensions=tuple(sorted((k, v) for k, v in given.items() if v is not None)),
-        seed=None,
-    )
-    if params.stochastic and body.seed is not None:
-        params = SamplingParams(**{**params.__dict__, "seed": body.seed})
-    return max_tokens, params
+    try:
+        options = SamplingOptions(gen_length=gen_length, steps=steps, **values)
+    except ValidationError as error:
+        message = describe_error(error)
+        raise RequestError(400, message, param=message.split(":", 1)[0]) from None
+    return Sampling(max_tokens, options, body.seed if options.stochastic else None)
+
+
+def _given(body: DiffusionParameters, name: str) -> bool:
+    """Whether the request sets ``name``: a value, or null for an option that null turns off."""
+    return getattr(body, name) is not None or (name in _NULL_MEANS_OFF and name in body.model_fields_set)
 
 
 def _check_steps(steps: int, num_blocks: int, gen_length: int, max_tokens: int, block_length: int,
@@ -184,14 +176,14 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer: Any, config: ServeConfig
     return _encode(tokenizer, text, "messages", config.limits.max_prompt_tokens)
 
 
-def sample_requests(prompts: list[list[int]], max_tokens: int, params: SamplingParams, model: ModelInfo,
-                    config: ServeConfig, field: str, stream: bool = True) -> list[SampleRequest]:
+def sample_requests(prompts: list[list[int]], sampling: Sampling, model: ModelInfo, config: ServeConfig,
+                    field: str, stream: bool = True) -> list[SampleRequest]:
     """Checked SampleRequests, one per prompt, sharing one deadline."""
     deadline = time.time() + config.request_timeout_s
     requests = []
     for prompt_ids in prompts:
-        check_prompt_ids(prompt_ids, field, model, params.gen_length, config.limits.max_prompt_tokens)
+        check_prompt_ids(prompt_ids, field, model, sampling.options.gen_length, config.limits.max_prompt_tokens)
         requests.append(SampleRequest(request_id=uuid.uuid4().hex, prompt_ids=tuple(prompt_ids),
-                                      max_tokens=max_tokens, params=params, deadline=deadline,
-                                      stream_blocks=stream))
+                                      max_tokens=sampling.max_tokens, options=sampling.options, eot_id=model.eot_id,
+                                      seed=sampling.seed, deadline=deadline, stream_blocks=stream))
     return requests

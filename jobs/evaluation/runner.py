@@ -3,8 +3,9 @@
 One checkpoint folder (jobs/checkpoints.py layout) gets one score record, ``scores.json``,
 beside its ``hf/`` export:
 
-    {"format": "llada-eval-scores/1", "checkpoint_uri": ".../checkpoint_000040", "hf_uri": ".../hf",
-     "step": 40, "suite_hash": "<sha256>", "suite": {...}, "sources": {task: uri},
+    {"format": "llada-eval-scores/2",
+     "checkpoint": {"uri": ".../checkpoint_000040", "hf_uri": ".../checkpoint_000040/hf", "step": 40},
+     "suite_hash": "<sha256>", "suite": {...}, "sources": {task: uri},
      "tasks": {task: {"kind", "metric", "value", "score", "num_items", ..., "seconds"}},
      "average": 0.41, "normalisation": "...", "device": "cpu",
      "timings": {"load_s", "eval_s", "total_s"}, "evaluated_at": <unix time>}
@@ -18,17 +19,14 @@ recomputed, so a rerun of a run evaluates only checkpoints it has not scored yet
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import re
-import tempfile
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from jobs.checkpoints import CheckpointInfo
+from jobs.checkpoints import CheckpointInfo, CheckpointRef
 from jobs.evaluation.tasks import (
     SCORERS,
     EvalError,
@@ -43,12 +41,11 @@ from pipelines import storage
 from pipelines.tokenizer import check_matches_config, load_tokenizer
 
 SCORES_RECORD = "scores.json"
-RECORD_FORMAT = "llada-eval-scores/1"
+RECORD_FORMAT = "llada-eval-scores/2"
 # Bump when the scoring of a task kind changes: old records then stop matching and are recomputed.
-SCORING_VERSION = 1
+SCORING_VERSION = 2
 NORMALISATION = ("generation: exact match; choice: accuracy; elbo: 2 ** -bits_per_token "
                  "(geometric-mean per-token probability bound); average: unweighted mean of task scores")
-_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)$")
 
 Progress = Callable[[str], None]
 
@@ -77,7 +74,7 @@ def demo_eval_suite(corpus_uri: str | None = None) -> EvalSuiteConfig:
 
     return EvalSuiteConfig.model_validate({"seed": 0, "tasks": [
         {"name": "reading", "kind": "generation", "source": source("gen_reading"), "max_items": 64,
-         "chat": True, "gen_length": 16, "block_length": 8, "steps": 16, "batch_size": 64},
+         "chat": True, "sampling": {"gen_length": 16, "block_length": 8}, "batch_size": 64},
         {"name": "choice_arithmetic", "kind": "choice", "source": source("choice_arithmetic"), "max_items": 32,
          "num_mc_samples": 16},
         {"name": "choice_grammar", "kind": "choice", "source": source("choice_grammar"), "max_items": 16,
@@ -94,43 +91,23 @@ def suite_hash(suite: EvalSuiteConfig, corpus_uri: str | None = None) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def checkpoint_folder(hf_uri: str) -> str:
-    """``.../checkpoint_000040/hf`` -> ``.../checkpoint_000040``; any other URI is its own folder."""
-    trimmed = hf_uri.rstrip("/")
-    return trimmed[: -len("/hf")] if trimmed.endswith("/hf") else trimmed
-
-
-def step_of(checkpoint_uri: str) -> int | None:
-    match = _CHECKPOINT_NAME.search(checkpoint_uri.rstrip("/"))
-    return int(match.group(1)) if match else None
-
-
-@contextlib.contextmanager
-def local_directory(uri: str, s3: storage.S3Settings | None) -> Iterator[str]:
-    """A local path holding the files under ``uri``: the path itself, or a temporary download."""
-    location = storage.parse_uri(uri)
-    if location.scheme == "file":
-        yield location.path
-        return
-    with tempfile.TemporaryDirectory(prefix="llada-eval-") as local:
-        yield storage.download_dir(uri, local, s3)
-
-
 def evaluate_checkpoint(hf_uri: str, suite: EvalSuiteConfig, corpus_uri: str | None = None,
-                        s3: storage.S3Settings | None = None, *, step: int | None = None,
+                        s3: storage.S3Settings | None = None, *, ref: CheckpointRef | None = None,
                         device: str | torch.device | None = None,
                         progress: Progress | None = None) -> dict[str, Any]:
-    """Run every task of ``suite`` on the model + tokenizer in ``hf_uri`` (local or s3) and
-    return its score record (module docstring). Writes nothing; see :func:`score_checkpoint`.
+    """Run every task of ``suite`` on the model + tokenizer in ``hf_uri`` (local or s3; any
+    HF-layout folder, the released checkpoint's too) and return its score record (module
+    docstring); ``ref`` names the checkpoint when it is one of a run's. Writes nothing; see
+    :func:`score_checkpoint`.
 
-    ``step`` defaults to the number in the checkpoint folder's name; ``device`` to CUDA when
-    present, else CPU. Data sources are read (and checked) before the model is loaded.
+    ``device`` defaults to CUDA when present, else CPU. Data sources are read (and checked)
+    before the model is loaded.
     """
     started = time.perf_counter()
     sources = {task.name: resolve_source(task.source, corpus_uri) for task in suite.tasks}
     items = {task.name: load_items(task, sources[task.name], s3) for task in suite.tasks}
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with local_directory(hf_uri, s3) as local:
+    with storage.local_copy(hf_uri, s3, prefix="llada-eval-") as local:
         model = load_model(local, device=device).eval()
         tokenizer = load_tokenizer(local)
     special = check_matches_config(tokenizer, model.config)
@@ -144,10 +121,8 @@ def evaluate_checkpoint(hf_uri: str, suite: EvalSuiteConfig, corpus_uri: str | N
         if progress:
             progress(f"{hf_uri}: {task.name} {result['metric']}={result['value']:.4f} score={result['score']:.4f}")
     finished = time.perf_counter()
-    folder = checkpoint_folder(hf_uri)
     return {
-        "format": RECORD_FORMAT, "checkpoint_uri": folder, "hf_uri": hf_uri,
-        "step": step if step is not None else step_of(folder),
+        "format": RECORD_FORMAT, "checkpoint": ref.to_json() if ref else None, "hf_uri": hf_uri,
         "suite_hash": suite_hash(suite, corpus_uri), "suite": suite.model_dump(mode="json"), "sources": sources,
         "tasks": tasks, "average": average_score([task["score"] for task in tasks.values()]),
         "normalisation": NORMALISATION, "device": str(device),
@@ -170,25 +145,25 @@ def read_score_record(checkpoint_uri: str, s3: storage.S3Settings | None = None)
     return storage.read_json(uri, s3) if storage.exists(uri, s3) else None
 
 
-def score_checkpoint(checkpoint_uri: str, suite: EvalSuiteConfig, corpus_uri: str | None = None,
-                     s3: storage.S3Settings | None = None, *, step: int | None = None,
-                     device: str | torch.device | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """The checkpoint folder's score record: the stored one when its suite hash matches, else
-    evaluate ``<checkpoint_uri>/hf`` and write scores.json. The returned dict has an extra
+def score_checkpoint(ref: CheckpointRef, suite: EvalSuiteConfig, corpus_uri: str | None = None,
+                     s3: storage.S3Settings | None = None, *, device: str | torch.device | None = None,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """The checkpoint's score record: the stored one when its suite hash matches, else evaluate
+    ``ref.hf_uri`` and write scores.json into ``ref.uri``. The returned dict has an extra
     ``reused`` flag (not stored)."""
-    existing = read_score_record(checkpoint_uri, s3)
+    existing = read_score_record(ref.uri, s3)
     if existing is not None and existing.get("suite_hash") == suite_hash(suite, corpus_uri):
         return {**existing, "reused": True}
-    record = evaluate_checkpoint(storage.join(checkpoint_uri, "hf"), suite, corpus_uri, s3, step=step,
-                                 device=device, progress=progress)
-    write_score_record(checkpoint_uri, record, s3)
+    record = evaluate_checkpoint(ref.hf_uri, suite, corpus_uri, s3, ref=ref, device=device, progress=progress)
+    write_score_record(ref.uri, record, s3)
     return {**record, "reused": False}
 
 
-def _score_in_task(checkpoint_uri: str, step: int, suite_json: dict[str, Any], corpus_uri: str | None,
+def _score_in_task(ref_json: dict[str, Any], suite_json: dict[str, Any], corpus_uri: str | None,
                    s3: storage.S3Settings | None) -> dict[str, Any]:
     """The body of one Ray task (model loaded inside it, on its GPU when it was given one)."""
-    return score_checkpoint(checkpoint_uri, EvalSuiteConfig.model_validate(suite_json), corpus_uri, s3, step=step)
+    return score_checkpoint(CheckpointRef.from_json(ref_json), EvalSuiteConfig.model_validate(suite_json),
+                            corpus_uri, s3)
 
 
 def evaluate_checkpoints_ray(checkpoint_infos: Sequence[CheckpointInfo], suite: EvalSuiteConfig,
@@ -217,7 +192,7 @@ def evaluate_checkpoints_ray(checkpoint_infos: Sequence[CheckpointInfo], suite: 
         if existing is not None and existing.get("suite_hash") == expected:
             records[index] = {**existing, "reused": True}
             continue
-        pending[remote.remote(info.uri, info.step, suite_json, corpus_uri, s3)] = index
+        pending[remote.remote(info.ref.to_json(), suite_json, corpus_uri, s3)] = index
     if progress:
         progress(f"eval: {len(pending)} checkpoint(s) to score, {len(checkpoint_infos) - len(pending)} already scored")
     while pending:
@@ -232,6 +207,6 @@ def evaluate_checkpoints_ray(checkpoint_infos: Sequence[CheckpointInfo], suite: 
             raise EvalError(f"evaluating {checkpoint_infos[index].uri} failed: {type(cause).__name__}: {cause}") from error
         if progress:
             record = records[index]
-            progress(f"eval: step {record['step']} average {record['average']:.4f} "
+            progress(f"eval: step {record['checkpoint']['step']} average {record['average']:.4f} "
                      f"({record['timings']['total_s']:.1f} s)")
     return [record for record in records if record is not None]

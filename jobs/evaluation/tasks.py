@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Sequence, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from llada_core import choose, elbo_nll, generate
+from llada_core import choose, elbo_nll, generate, left_pad
+from llada_core.options import SamplingOptions
 from llada_core.tokens import format_chat
 from pipelines import storage
 from pipelines.demo.eval_sets import EVAL_TASKS
@@ -81,38 +82,18 @@ class GenerationTask(_TaskBase):
     """Sample an answer for each prompt (llada_core.generate) and score it by exact match."""
 
     kind: Literal["generation"]
-    gen_length: int = Field(ge=1, description="answer tokens sampled per prompt")
-    steps: int = Field(ge=1, description="sampling steps in total (unused when threshold is set)")
-    block_length: int | None = Field(None, ge=1, description="semi-autoregressive block; default gen_length")
-    temperature: float = Field(0.0, ge=0, description="0 is greedy")
+    sampling: SamplingOptions = Field(
+        default_factory=SamplingOptions.fast,
+        description="how to sample (llada_core.options.SamplingOptions); fields left out take the fast "
+                    "options (FAST_OPTIONS) and steps = gen_length")
     chat: bool = Field(False, description="wrap each prompt in the chat template (item 'messages' when present, "
                                           "else the prompt as one user turn) and compare with 'chat_answer' when present")
     batch_size: int = Field(16, ge=1, description="prompts per generate() call (left-padded)")
-    threshold: float | None = Field(None, gt=0, le=1, description="confidence-threshold decoding; unset = fixed schedule")
-    cache: Literal["prefix", "dual"] | None = Field(None, description="KV cache mode; unset = none")
-    early_stop: bool | None = Field(None, description="stop a row after its EOS; unset = generate()'s default")
 
-    @model_validator(mode="after")
-    def _check_schedule(self) -> "GenerationTask":
-        block_length = self.block_length or self.gen_length
-        if self.gen_length % block_length:
-            raise ValueError(f"block_length: {block_length} must divide gen_length={self.gen_length}")
-        num_blocks = self.gen_length // block_length
-        if self.threshold is None and self.steps % num_blocks:
-            raise ValueError(f"steps: {self.steps} must be a multiple of the number of blocks ({num_blocks})")
-        if self.threshold is None and self.steps > self.gen_length:
-            raise ValueError(f"steps: {self.steps} exceeds gen_length={self.gen_length}")
-        return self
-
-    def sampling_kwargs(self) -> dict[str, Any]:
-        """Arguments for ``llada_core.generate``; the fast options only when set."""
-        kwargs: dict[str, Any] = {"steps": self.steps, "gen_length": self.gen_length,
-                                  "block_length": self.block_length or self.gen_length,
-                                  "temperature": self.temperature}
-        for name in ("threshold", "cache", "early_stop"):
-            if getattr(self, name) is not None:
-                kwargs[name] = getattr(self, name)
-        return kwargs
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _fast_by_default(cls, value: Any) -> Any:
+        return SamplingOptions.fast(**value) if isinstance(value, dict) else value
 
 
 class _MonteCarloTask(_TaskBase):
@@ -354,13 +335,10 @@ def score_generation(model: nn.Module, tokenizer: Any, special: SpecialTokenIds,
     device, num_correct, examples = _device_of(model), 0, []
     for start in range(0, len(items), task.batch_size):
         batch = items[start:start + task.batch_size]
-        prompts_P = [_encode(tokenizer, item.prompt) for item in batch]
-        width = max(len(ids) for ids in prompts_P)
-        prompt_BP = torch.tensor([[special.pad] * (width - len(ids)) + ids for ids in prompts_P], device=device)
-        padded = any(len(ids) < width for ids in prompts_P)
-        mask_BP = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts_P], device=device)
-        out_BL = generate(model, prompt_BP, attention_mask=mask_BP if padded else None, mask_id=special.mask,
-                          eos_id=special.eos, eot_id=special.role_end, generator=generator, **task.sampling_kwargs())
+        prompt_BP, mask_BP = left_pad([_encode(tokenizer, item.prompt) for item in batch], special.pad, device)
+        width = prompt_BP.shape[1]
+        out_BL = generate(model, prompt_BP, attention_mask=mask_BP, options=task.sampling, mask_id=special.mask,
+                          eos_id=special.eos, eot_id=special.role_end, generator=generator)
         for item, answer_ids in zip(batch, out_BL[:, width:].tolist()):
             prediction = decode_answer(tokenizer, answer_ids, (special.eos, special.role_end))
             correct = is_exact_match(prediction, item.answer, item.stops)

@@ -102,8 +102,7 @@ def build_model(config: StageConfig, s3: storage.S3Settings | None) -> LLaDAMoEM
     torch.manual_seed(config.seed)
     if config.init_from is None:
         return LLaDAMoEModelLM(config.model_config_resolved())
-    with tempfile.TemporaryDirectory() as local:
-        source = storage.download_dir(config.init_from, local, s3) if storage.is_remote(config.init_from) else config.init_from
+    with storage.local_copy(config.init_from, s3) as source:
         model = load_model(source, dtype=torch.float32)
     # Only what this stage sets changes; otherwise the checkpoint's values carry on (SFT keeps
     # anneal 2's RoPE base and context).
@@ -191,15 +190,14 @@ def save_checkpoint(engine: Any, model: torch.nn.Module, config: StageConfig, st
     last = state.history[-1] if state.history else {}
     metrics = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": last.get("loss")}
     if rank == 0:
-        export_hf(native_state, engine.module.config, config, folder / "hf", s3)
+        export_hf(native_state, engine.module.config, config, folder / ckpt.HF_DIR, s3)
         (folder / "stage_config.json").write_text(config.model_dump_json(indent=2))
         (folder / "metrics.json").write_text(json.dumps(metrics))
     name = ckpt.checkpoint_name(state.step)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
     dist.barrier()  # every rank's report (its upload) has returned
     if rank == 0:
-        checkpoint_uri = storage.join(ckpt.checkpoints_uri(config.output_uri), name)
-        ckpt.write_completion_record(checkpoint_uri, state.step, metrics, s3)
+        ckpt.write_completion_record(ckpt.CheckpointRef.at(config.output_uri, state.step), metrics, s3)
         write_history(config.output_uri, state.history, s3)
         ckpt.rotate_checkpoints(config.output_uri, config.keep_last, s3)
     shutil.rmtree(folder, ignore_errors=True)
@@ -242,6 +240,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cursor = state.cursor or DataCursor(world_size=world, batch_size=config.micro_batch_size, seed=config.seed)
     meter = StepMetrics(model_flops_per_token(engine.module.config), measured_matmul_flops(), world)
     batches = _batch_stream(ray.train.get_dataset_shard("train"), cursor, world, config)
+    progress = loop_config.get("progress") if rank == 0 else None
     while True:
         due = state.step % config.checkpoint_every == 0 or state.step == config.num_steps
         if state.step > state.checkpointed_step and due:
@@ -250,7 +249,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if state.step >= config.num_steps:
             break
         maybe_inject_fault(config, state.step + 1, rank, s3)
-        state = _optimizer_step(engine, batches, config, state, meter, rank)
+        state = _optimizer_step(engine, batches, config, state, meter, rank, progress)
     if rank == 0:
         write_training_plot(config.output_uri, state.history, s3)
 
@@ -270,7 +269,7 @@ def _batch_stream(shard: Any, cursor: DataCursor, world: int, config: StageConfi
 
 
 def _optimizer_step(engine: Any, batches: Any, config: StageConfig, state: TrainState, meter: StepMetrics,
-                    rank: int) -> TrainState:
+                    rank: int, progress: Any = None) -> TrainState:
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step * 1009 + rank)
     results = []
@@ -284,5 +283,16 @@ def _optimizer_step(engine: Any, batches: Any, config: StageConfig, state: Train
     row["tokens_seen"] = state.tokens_seen
     state.history.append(row)
     if rank == 0 and (state.step % config.log_every == 0 or state.step == config.num_steps):
-        print(meter.progress_line(row, config.num_steps, config.name), flush=True)
+        if progress is not None:  # the driver's console shows it (jobs.training.stage.progress_relay)
+            report_progress(progress, {**row, "stage": config.name, "num_steps": config.num_steps})
+        else:
+            print(meter.progress_line(row, config.num_steps, config.name), flush=True)
     return state
+
+
+def report_progress(queue: Any, row: dict[str, Any]) -> None:
+    """Best-effort: a driver that went away must not stop training."""
+    try:
+        queue.put_nowait({k: v for k, v in row.items() if not isinstance(v, list)})
+    except Exception:
+        pass

@@ -7,8 +7,10 @@ restores a run with the same name and storage path.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from jobs import checkpoints as ckpt
 from jobs.training import scale_up
@@ -46,8 +48,13 @@ def worker_resources(config: StageConfig, cluster: dict[str, float]) -> dict[str
     return resources
 
 
-def build_trainer(config: StageConfig, resources: dict[str, float], s3: storage.S3Settings | None = None) -> Any:
-    """The stage's ``TorchTrainer`` with ``resources`` per worker (Ray must be up)."""
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+def build_trainer(config: StageConfig, resources: dict[str, float], s3: storage.S3Settings | None = None,
+                  progress_queue: Any = None) -> Any:
+    """The stage's ``TorchTrainer`` with ``resources`` per worker (Ray must be up); rank 0 puts
+    a row per optimizer step into ``progress_queue`` (a ray.util.queue.Queue) when given."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -59,7 +66,8 @@ def build_trainer(config: StageConfig, resources: dict[str, float], s3: storage.
         filesystem = None  # a plain path lets Ray Train use its local storage path directly
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"stage": config.model_dump(mode="json"), "s3": s3.model_dump(mode="json") if s3 else None},
+        train_loop_config={"stage": config.model_dump(mode="json"), "s3": s3.model_dump(mode="json") if s3 else None,
+                           "progress": progress_queue},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
@@ -73,21 +81,62 @@ def build_trainer(config: StageConfig, resources: dict[str, float], s3: storage.
     )
 
 
-def run_stage(config: StageConfig, s3: storage.S3Settings | None = None) -> StageRunResult:
+def run_stage(config: StageConfig, s3: storage.S3Settings | None = None,
+              on_step: StepCallback | None = None) -> StageRunResult:
     """Train one stage to ``num_steps`` (resuming if it has checkpoints) and return its checkpoints.
-    On an autoscaling cluster (``LLADA_SCALE_UP_TIMEOUT_S`` set) the cluster grows to the stage first."""
+    On an autoscaling cluster (``LLADA_SCALE_UP_TIMEOUT_S`` set) the cluster grows to the stage first.
+    ``on_step`` gets each optimizer step's row (``stage``, ``step``, ``num_steps``, ``loss``,
+    ``tokens_per_s``, ...) in this process while the stage trains."""
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     with scale_up.scaled_up(config.scaling, scale_up.timeout_from_env()) as cluster:
-        build_trainer(config, worker_resources(config, cluster), s3).fit()
+        with progress_relay(on_step) as queue:
+            build_trainer(config, worker_resources(config, cluster), s3, queue).fit()
     return StageRunResult(
         config=config,
         checkpoints=ckpt.list_checkpoints(config.output_uri, s3),
         history_uri=storage.join(config.output_uri, "metrics.jsonl"),
         plot_uri=storage.join(config.output_uri, "training.png"),
     )
+
+
+@contextlib.contextmanager
+def progress_relay(on_step: StepCallback | None, poll_s: float = 0.5) -> Iterator[Any]:
+    """A queue the rank-0 worker puts step rows into, drained into ``on_step`` by a thread of
+    this process (None without ``on_step``). A Ray queue rather than the workers' stdout: the
+    rows arrive whatever happens to logs, and no line is printed twice."""
+    if on_step is None:
+        yield None
+        return
+    from queue import Empty
+
+    from ray.util.queue import Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    stop = threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                on_step(queue.get(timeout=poll_s))
+            except Empty:
+                if stop.is_set():
+                    return
+            except Exception:  # a dead queue actor must not kill the stage; progress is best-effort
+                if stop.is_set():
+                    return
+                stop.wait(poll_s)
+
+    thread = threading.Thread(target=drain, name="llada-progress", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        queue.shutdown()
 
 
 def read_history(stage_uri: str, s3: storage.S3Settings | None = None) -> list[dict[str, Any]]:

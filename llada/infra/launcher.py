@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from llada.infra.render import CPU_NODE, HEAD_NODE, SCALE_UP_TIMEOUT_S, WorkerGroup, k8s_name, stage_scalings, training_groups
-from jobs.recipe import Recipe
+from llada.recipe import Recipe
 from jobs.training.scale_up import SCALE_UP_TIMEOUT_ENV
 
 AWS_REGION = "us-west-2"

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from jobs.recipe import Recipe
+from llada.recipe import Recipe
 from jobs.training.scale_up import SCALE_UP_TIMEOUT_ENV
 from jobs.stage_config import ScalingSpec
 from jobs.submit import run_arguments
@@ -271,16 +271,22 @@ def rayjob(recipe: Recipe, recipe_ref: str, image: str, stage: str | None = None
     return _manifest("RayJob", k8s_name(recipe.run_id, *([stage] if stage else [])), spec)
 
 
+def default_serve_config(recipe: Recipe) -> ServeConfig:
+    """The recipe's ``serve:`` block, else the shipped config for its hardware."""
+    if recipe.serve is not None:
+        return recipe.serve
+    return load_serve_config(str(SERVE_CONFIGS / ("gpu-cluster.yaml" if recipe.scaling.use_gpu else "laptop.yaml")))
+
+
 def serve_app_args(recipe: Recipe, checkpoint: str, serve_config: str | None = None) -> AppArgs:
     """The sampler app: ``serve_config`` (a file), else the recipe's ``serve:`` block, else the
     shipped config for the recipe's hardware. The proxy binds 0.0.0.0 (``--host 0.0.0.0``):
     KubeRay's Serve Service reaches it on the pod's address."""
     cluster = {"host": "0.0.0.0"}
-    if serve_config is None and recipe.serve is not None:
-        config = ServeConfig.model_validate({**recipe.serve, **cluster})
+    if serve_config is not None:
+        config = load_serve_config(serve_config, cluster)
     else:
-        default = SERVE_CONFIGS / ("gpu-cluster.yaml" if recipe.scaling.use_gpu else "laptop.yaml")
-        config = load_serve_config(serve_config or str(default), cluster)
+        config = ServeConfig.model_validate({**default_serve_config(recipe).model_dump(), **cluster})
     return AppArgs(checkpoint=checkpoint, config=config)
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from jobs.dag import run_recipe, run_status
-from jobs.recipe import Recipe
+from llada.recipe import Recipe
 from jobs.training.stage import read_history
 from pipelines import storage
 
@@ -32,13 +32,14 @@ def small_recipe(storage_uri: str) -> Recipe:
         stage.update(num_steps=4, checkpoint_every=2, keep_last=3, micro_batch_size=4)
         stage["mixture"]["token_budget"] = 64 * 64
         stage["schedule"] = {"kind": "constant"}
-    raw["stages"][1]["init_from"] = {"stage": "pretrain1", "rule": "last"}
-    raw["stages"][2]["init_from"] = {"stage": "anneal1", "rule": "best_eval_average"}
+    raw["stages"][0]["select"] = "last"
+    raw["stages"][1].update(init_from="pretrain1", select="best_eval_average")
+    raw["stages"][2]["init_from"] = "anneal1"
     raw["stages"][2]["fault_injection"] = {"step": 3, "rank": 0}
     raw["stages"][2]["scaling"] = {"num_workers": 1, "max_failures": 0}  # the crash ends the run
     raw["eval"] = {"seed": 0, "tasks": [
         {"name": "arith", "kind": "generation", "source": "demo:gen_arithmetic", "max_items": 4,
-         "gen_length": 8, "block_length": 8, "steps": 4, "chat": True},
+         "sampling": {"gen_length": 8, "steps": 4, "threshold": None}, "chat": True},
         {"name": "text", "kind": "elbo", "source": "demo:heldout_text", "max_items": 2, "num_mc_samples": 2,
          "mc_batch_size": 2},
     ]}
@@ -60,17 +61,17 @@ def test_dag_hands_off_selects_resumes_and_skips(ray_cluster, tmp_path):
 
     rows = {row["stage"]: row for row in run_status(recipe)}
     # Hand-off: anneal1 started from pretrain1's LAST checkpoint; sft from anneal1's BEST average.
-    pretrain_selected = rows["pretrain1"]["selected_checkpoint_uri"]
-    assert pretrain_selected.endswith("checkpoint_000004")
+    pretrain_selected = rows["pretrain1"]["selected"]
+    assert pretrain_selected["step"] == 4 and pretrain_selected["uri"].endswith("checkpoint_000004")
     anneal_config = storage.read_json(storage.join(rows["anneal1"]["checkpoints"][-1]["uri"], "stage_config.json"))
-    assert anneal_config["init_from"] == storage.join(pretrain_selected, "hf")
+    assert anneal_config["init_from"] == pretrain_selected["hf_uri"]  # the reference, carried as written
     anneal_scores = {c["uri"]: c["eval_average"] for c in rows["anneal1"]["checkpoints"]}
     assert len(anneal_scores) == 2 and all(v is not None for v in anneal_scores.values())
     best = max(anneal_scores, key=lambda uri: (anneal_scores[uri], uri))
-    assert rows["anneal1"]["selected_checkpoint_uri"] == best
+    assert rows["anneal1"]["selected"]["uri"] == best
     sft_config = storage.read_json(storage.join(rows["sft"]["checkpoints"][-1]["uri"], "stage_config.json"))
-    assert sft_config["init_from"] == storage.join(best, "hf")
-    selection = rows["sft"]["selection"]
+    assert sft_config["init_from"] == rows["anneal1"]["selected"]["hf_uri"]
+    selection = storage.read_json(storage.join(recipe.stage_uri("sft"), "selection.json"))
     assert selection["rule"] == "best_eval_average" and len(selection["scores"]) == 2
 
     started = time.perf_counter()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.checkpoints import checkpoint_name, checkpoints_uri, list_checkpoints, write_completion_record
+from jobs.checkpoints import CheckpointRef, checkpoint_name, checkpoints_uri, list_checkpoints, write_completion_record
 from jobs.evaluation.tasks import EvalSuiteConfig
 from jobs.evaluation.runner import SCORES_RECORD, evaluate_checkpoints_ray, suite_hash
 from jobs.evaluation.selection import select_checkpoint, selection_record
@@ -30,7 +30,7 @@ def write_stage(stage: Path, steps: list[int]) -> None:
         torch.manual_seed(step)
         save_model(LLaDAMoEModelLM(config), folder / "hf")
         save_tokenizer(tokenizer, str(folder / "hf"))
-        write_completion_record(str(folder), step, {"loss": 1.0})
+        write_completion_record(CheckpointRef.at(str(stage), step), {"loss": 1.0})
 
 
 def test_evaluate_checkpoints_as_ray_tasks_then_select(ray_cluster, tmp_path):
@@ -51,8 +51,8 @@ def test_evaluate_checkpoints_as_ray_tasks_then_select(ray_cluster, tmp_path):
     messages: list[str] = []
     records = evaluate_checkpoints_ray(infos, suite, progress=messages.append)
 
-    assert [r["step"] for r in records] == [4, 8] and [r["reused"] for r in records] == [False, False]
-    assert [r["checkpoint_uri"] for r in records] == [info.uri for info in infos]
+    assert [r["checkpoint"]["step"] for r in records] == [4, 8] and [r["reused"] for r in records] == [False, False]
+    assert [r["checkpoint"] for r in records] == [info.ref.to_json() for info in infos]
     assert all(r["suite_hash"] == suite_hash(suite) for r in records)
     assert records[0]["tasks"]["text"]["value"] != records[1]["tasks"]["text"]["value"]  # two different models
     for info, record in zip(infos, records):
@@ -67,7 +67,7 @@ def test_evaluate_checkpoints_as_ray_tasks_then_select(ray_cluster, tmp_path):
     assert "0 checkpoint(s) to score, 2 already scored" in messages[-1]
 
     decision = select_checkpoint(records, "best_eval_average")
-    best = max(records, key=lambda r: (r["average"], r["step"]))
+    best = max(records, key=lambda r: (r["average"], r["checkpoint"]["step"]))
     saved = selection_record(decision)
-    assert saved["checkpoint_uri"] == best["checkpoint_uri"] and saved["step"] == best["step"]
+    assert saved["checkpoint"] == best["checkpoint"]
     assert len(saved["scores"]) == 2

@@ -39,10 +39,10 @@ def ray_head(tmp_path_factory) -> Iterator[dict]:
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(token)
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # Ray's socket paths must stay short
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
     auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
          # Every port of its own: the session's Ray instance already holds the defaults (a second
          # dashboard agent on 52365 fails to bind, and the head then never takes a job).
@@ -67,7 +67,7 @@ def ray_head(tmp_path_factory) -> Iterator[dict]:
             pytest.fail(f"the Ray head did not start (exit {head.poll()}); logs under {temp_dir}")
         time.sleep(1)
     wait_for_a_job_to_run(address, token, head, temp_dir)
-    yield {"address": address, "auth_env": auth_env}
+    yield {"address": address, "gcs_address": f"127.0.0.1:{gcs_port}", "auth_env": auth_env}
     os.killpg(head.pid, signal.SIGTERM)  # --block stops the head's processes on SIGTERM
     try:
         head.wait(timeout=60)
@@ -118,10 +118,11 @@ def test_submit_runs_a_stage_as_a_ray_job_and_follows_its_logs(ray_head, tmp_pat
     assert "submitted job raysubmit_" in output
     assert "[pretrain1] step 4/4" in output  # the workers' progress, streamed by --follow
     assert result.stdout.rstrip().endswith("SUCCEEDED")
+    assert_quiet(result.stdout)  # the job's log is the driver's console: no Ray noise there either
     status = llada("status", RECIPE, *sets, "--json", env=env, timeout=120)  # the same run: the same overrides
     stages = {row["stage"]: row for row in json.loads(status.stdout)["stages"]}
     assert stages["pretrain1"]["state"] == "done"
-    assert stages["pretrain1"]["selected_checkpoint_uri"].endswith("checkpoint_000004")
+    assert stages["pretrain1"]["selected"]["step"] == 4
     assert stages["pretrain2"]["state"] == "not started"
 
 
@@ -140,3 +141,39 @@ def test_a_missing_token_is_named(ray_head, tmp_path):
                    env=client_env(tmp_path, {}), timeout=120)
     assert result.returncode == 1
     assert "could not submit" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr
+
+
+# What the console keeps off the terminal: Ray's and DeepSpeed's own lines, and the workers'
+# output that Ray forwards with a "(ActorName pid=...)" prefix.
+RAY_NOISE = ("Failed to query Ray Train Controller", "core_worker", "(RayTrainWorker", "(TrainController",
+             "(PlacementGroupCleaner", "[WARNING]", "WARNING", "Started a local Ray instance", "streaming_executor")
+
+
+def assert_quiet(stdout: str) -> None:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    repeated = sorted({line for line in lines if lines.count(line) > 1 and not set(line) <= set("-= ")})
+    assert not repeated, f"lines printed more than once: {repeated[:5]}"
+    noisy = [line for line in lines if any(marker in line for marker in RAY_NOISE)]
+    assert not noisy, f"Ray/DeepSpeed lines on the terminal: {noisy[:5]}"
+
+
+def test_a_run_prints_each_platform_line_once_and_routes_ray_output_to_the_run_log(ray_head, tmp_path):
+    """`llada run` as a user types it (no terminal here, so progress is plain lines): platform lines
+    once, no Ray warning or forwarded worker line, and everything else in logs/ of the run folder."""
+    storage = tmp_path / "runs"
+    sets = [arg for item in [f"storage_uri={storage}", *SMALL_RUN] for arg in ("--set", item)]
+    env = client_env(tmp_path, ray_head["auth_env"])
+    result = llada("run", RECIPE, "--stage", "pretrain1", *sets, "--ray-address", ray_head["gcs_address"], env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert_quiet(result.stdout)
+    assert not result.stderr.strip(), result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    [log_line] = [line for line in lines if line.startswith("logs: ")]
+    log_path = Path(log_line.split()[1])
+    assert log_path.parent == storage / "tiny-cpu" / "logs"
+    for expected in ("[dag] pretrain1: training (pretrain)", "[pretrain1] step 4/4", "[dag] pretrain1: selected"):
+        assert any(line.startswith(expected) for line in lines), expected
+    assert any(line.startswith("stage ") and line.rstrip().endswith("selected") for line in lines)  # the table
+    assert any(line.startswith("pretrain1    done") for line in lines)
+    log = log_path.read_text()
+    assert "(RayTrainWorker" in log or "(TrainController" in log, "Ray's forwarded output belongs in the log"

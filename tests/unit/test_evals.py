@@ -14,6 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from jobs.checkpoints import CheckpointRef
 from jobs.evaluation import tasks as eval_tasks
 from jobs.evaluation.tasks import (
     ChoiceItem,
@@ -96,10 +97,14 @@ def eval_sets(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def small_suite(eval_sets: dict[str, str], seed: int = 0, **generation) -> EvalSuiteConfig:
+# The reference loop (no fast option), as generate()'s defaults are.
+REFERENCE = {"threshold": None, "cache": None, "early_stop": False}
+
+
+def small_suite(eval_sets: dict[str, str], seed: int = 0, **sampling) -> EvalSuiteConfig:
     return EvalSuiteConfig.model_validate({"seed": seed, "tasks": [
-        {"name": "gen", "kind": "generation", "source": eval_sets["gen"], "gen_length": 4, "steps": 4,
-         "batch_size": 2, **generation},
+        {"name": "gen", "kind": "generation", "source": eval_sets["gen"], "batch_size": 2,
+         "sampling": {"gen_length": 4, "steps": 4, **REFERENCE, **sampling}},
         {"name": "choice", "kind": "choice", "source": eval_sets["choice"], "num_mc_samples": 4, "mc_batch_size": 2},
         {"name": "text", "kind": "elbo", "source": eval_sets["text"], "num_mc_samples": 4},
     ]})
@@ -121,18 +126,22 @@ def test_demo_suite_validates_and_resolves_against_a_corpus():
         eval_tasks.resolve_source("demo:heldout_text", None)
 
 
-GEN = {"name": "g", "kind": "generation", "source": "x.jsonl", "gen_length": 8, "steps": 8}
+GEN = {"name": "g", "kind": "generation", "source": "x.jsonl", "sampling": {"gen_length": 8}}
 MC = {"name": "c", "kind": "choice", "source": "x.jsonl", "num_mc_samples": 8}
+
+
+def gen(**sampling):  # type: ignore[no-untyped-def]
+    return {**GEN, "sampling": {**GEN["sampling"], **sampling}}
 
 
 @pytest.mark.parametrize("tasks, path, message", [
     ([{**GEN, "bogus": 1}], "tasks.0.generation.bogus", "Extra inputs"),
-    ([{k: v for k, v in GEN.items() if k != "gen_length"}], "tasks.0.generation.gen_length", "Field required"),
-    ([{**GEN, "block_length": 3}], "tasks.0.generation", "block_length: 3 must divide gen_length=8"),
-    ([{**GEN, "steps": 16}], "tasks.0.generation", "steps: 16 exceeds gen_length=8"),
-    ([{**GEN, "block_length": 4, "steps": 3}], "tasks.0.generation", "steps: 3 must be a multiple"),
-    ([{**GEN, "threshold": 1.5}], "tasks.0.generation.threshold", "less than or equal to 1"),
-    ([{**GEN, "cache": "full"}], "tasks.0.generation.cache", "'prefix' or 'dual'"),
+    ([{**GEN, "gen_length": 8}], "tasks.0.generation.gen_length", "Extra inputs"),
+    ([gen(block_length=3)], "tasks.0.generation.sampling", "block_length: 3 must divide gen_length=8"),
+    ([gen(steps=16, threshold=None)], "tasks.0.generation.sampling", "steps: 16 exceeds gen_length=8"),
+    ([gen(block_length=4, steps=3, threshold=None)], "tasks.0.generation.sampling", "steps: 3 must be divisible"),
+    ([gen(threshold=1.5)], "tasks.0.generation.sampling", "threshold: Input should be less than or equal to 1"),
+    ([gen(cache="full")], "tasks.0.generation.sampling", "cache: Input should be 'prefix' or 'dual'"),
     ([{**MC, "mc_batch_size": 3}], "tasks.0.choice", "num_mc_samples: 8 must be a multiple of mc_batch_size=3"),
     ([{**MC, "kind": "ranking"}], "tasks.0", "does not match any of the expected tags"),
     ([{**GEN, "source": "demo:nope"}], "tasks.0.generation", "unknown demo eval set 'nope'"),
@@ -147,13 +156,14 @@ def test_config_errors_name_the_field(tasks, path, message):
     assert path in text and message in text, text
 
 
-def test_fast_sampling_options_are_passed_only_when_set():
-    plain = EvalSuiteConfig.model_validate({"tasks": [GEN]}).tasks[0]
-    assert plain.sampling_kwargs() == {"steps": 8, "gen_length": 8, "block_length": 8, "temperature": 0.0}
-    fast = EvalSuiteConfig.model_validate(
-        {"tasks": [{**GEN, "threshold": 0.9, "cache": "dual", "early_stop": True}]}).tasks[0]
-    assert fast.sampling_kwargs() == {"steps": 8, "gen_length": 8, "block_length": 8, "temperature": 0.0,
-                                      "threshold": 0.9, "cache": "dual", "early_stop": True}
+def test_generation_tasks_sample_with_the_fast_options_unless_told_otherwise():
+    from llada_core import FAST_OPTIONS, SamplingOptions
+
+    default = EvalSuiteConfig.model_validate({"tasks": [GEN]}).tasks[0].sampling
+    assert default == SamplingOptions(gen_length=8, block_length=8, steps=8, **FAST_OPTIONS)
+    reference = EvalSuiteConfig.model_validate({"tasks": [gen(**REFERENCE)]}).tasks[0].sampling
+    assert reference == SamplingOptions(gen_length=8, block_length=8, steps=8)
+    assert EvalSuiteConfig.model_validate({"tasks": [{**GEN, "sampling": {}}]}).tasks[0].sampling.gen_length == 128
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -261,8 +271,9 @@ def test_load_items_checks_each_line(tmp_path, eval_sets):
 def test_evaluate_checkpoint_record_shape_and_ranges(checkpoint, eval_sets):
     suite = small_suite(eval_sets)
     record = evaluate_checkpoint(str(checkpoint), suite)
-    assert record["checkpoint_uri"] == str(checkpoint.parent) and record["hf_uri"] == str(checkpoint)
-    assert record["step"] == 12  # from the folder name checkpoint_000012
+    assert record["checkpoint"] is None and record["hf_uri"] == str(checkpoint)  # any HF folder, no run
+    ref = CheckpointRef(uri=str(checkpoint.parent), hf_uri=str(checkpoint), step=12)
+    assert evaluate_checkpoint(str(checkpoint), suite, ref=ref)["checkpoint"] == ref.to_json()
     assert record["suite_hash"] == suite_hash(suite) and record["suite"] == suite.model_dump(mode="json")
     assert list(record["tasks"]) == ["gen", "choice", "text"]
     gen, choice, text = record["tasks"].values()
@@ -353,7 +364,8 @@ def test_generation_score_matches_generate_called_directly(checkpoint, tmp_path)
     items = items[:2] + [{"prompt": "12+7=", "answer": "no such answer"}]
     source = write_jsonl(tmp_path / "gen.jsonl", items)
     suite = EvalSuiteConfig.model_validate({"tasks": [
-        {"name": "gen", "kind": "generation", "source": source, "gen_length": 4, "steps": 4, "batch_size": 1}]})
+        {"name": "gen", "kind": "generation", "source": source, "batch_size": 1,
+         "sampling": {"gen_length": 4, "steps": 4, **REFERENCE}}]})
     task = evaluate_checkpoint(str(checkpoint), suite, device="cpu")["tasks"]["gen"]
     assert (task["num_correct"], task["value"]) == (2, pytest.approx(2 / 3))
     assert [example["correct"] for example in task["examples"]] == [True, True, False]
@@ -367,7 +379,7 @@ def test_demo_sources_resolve_against_the_corpus(checkpoint, tmp_path):
                                          num_sft_chats=2, num_eval_items=4, files_per_split=1))
     suite = EvalSuiteConfig.model_validate({"tasks": [
         {"name": "chat", "kind": "generation", "source": "demo:gen_arithmetic", "chat": True,
-         "gen_length": 4, "steps": 4, "max_items": 2},
+         "sampling": {"gen_length": 4}, "max_items": 2},
         {"name": "text", "kind": "elbo", "source": "demo:heldout_math", "num_mc_samples": 2, "max_items": 2},
     ]})
     record = evaluate_checkpoint(str(checkpoint), suite, corpus_uri=corpus)
@@ -383,9 +395,11 @@ def test_score_checkpoint_writes_and_reuses_scores_json(checkpoint, eval_sets, m
     import jobs.evaluation.runner as evals
 
     folder = str(checkpoint.parent)
+    ref = CheckpointRef(uri=folder, hf_uri=str(checkpoint), step=12)
     suite = small_suite(eval_sets)
     (checkpoint.parent / SCORES_RECORD).unlink(missing_ok=True)
-    first = score_checkpoint(folder, suite)
+    first = score_checkpoint(ref, suite)
+    assert first["checkpoint"] == ref.to_json()
     assert first["reused"] is False
     stored = read_score_record(folder)
     assert stored == {k: v for k, v in first.items() if k != "reused"}
@@ -395,15 +409,15 @@ def test_score_checkpoint_writes_and_reuses_scores_json(checkpoint, eval_sets, m
         raise AssertionError("a matching scores.json must be reused, not re-evaluated")
 
     monkeypatch.setattr(evals, "evaluate_checkpoint", must_not_run)
-    again = score_checkpoint(folder, suite)
+    again = score_checkpoint(ref, suite)
     assert again["reused"] is True and again["average"] == first["average"]
 
     # another suite (a different seed) does not match: evaluated again and overwritten
     monkeypatch.setattr(evals, "evaluate_checkpoint",
-                        lambda hf_uri, suite, *a, **k: {"checkpoint_uri": folder, "suite_hash": suite_hash(suite),
+                        lambda hf_uri, suite, *a, **k: {"checkpoint": k["ref"].to_json(), "suite_hash": suite_hash(suite),
                                                          "average": 0.5, "hf_uri": hf_uri})
-    other = score_checkpoint(folder, small_suite(eval_sets, seed=1))
-    assert other["reused"] is False and other["hf_uri"] == f"{folder}/hf"
+    other = score_checkpoint(ref, small_suite(eval_sets, seed=1))
+    assert other["reused"] is False and other["hf_uri"] == ref.hf_uri
     assert read_score_record(folder)["suite_hash"] == suite_hash(small_suite(eval_sets, seed=1))
     (checkpoint.parent / SCORES_RECORD).unlink()
 
@@ -416,7 +430,9 @@ def test_checkpoint_on_s3(s3_server, checkpoint, eval_sets):
     storage.write_text(text_uri, Path(eval_sets["text"]).read_text(), s3_server.settings)
     suite = EvalSuiteConfig.model_validate({"tasks": [
         {"name": "text", "kind": "elbo", "source": text_uri, "num_mc_samples": 2}]})
-    record = score_checkpoint(folder, suite, s3=s3_server.settings)
-    assert record["reused"] is False and record["step"] == 12 and record["hf_uri"] == f"{folder}/hf"
+    ref = CheckpointRef.at(f"{bucket}/stage", 12)
+    assert ref.uri == folder
+    record = score_checkpoint(ref, suite, s3=s3_server.settings)
+    assert record["reused"] is False and record["checkpoint"]["step"] == 12 and record["hf_uri"] == f"{folder}/hf"
     assert storage.read_json(f"{folder}/{SCORES_RECORD}", s3_server.settings)["average"] == record["average"]
-    assert score_checkpoint(folder, suite, s3=s3_server.settings)["reused"] is True
+    assert score_checkpoint(ref, suite, s3=s3_server.settings)["reused"] is True

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from llada.cli import main
-from jobs.recipe import Recipe, apply_overrides, load_recipe
+from jobs.recipe import apply_overrides
+from llada.recipe import Recipe, load_recipe
 from jobs.submit import entrypoint
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "jobs" / "recipes").glob("*.yaml"))
@@ -34,8 +35,10 @@ def test_the_full_scale_recipe_follows_the_paper():
     assert (anneal2.rope_theta, anneal2.max_position_embeddings) == (50_000.0, 8192)
     config = recipe.stage_config("pretrain1", "d", "o").model_config_resolved()
     assert (config.num_experts, config.num_experts_per_tok, config.rope_theta) == (64, 8, 10_000.0)
-    assert recipe.stage("anneal1").init_from.rule == "best_eval_average"
-    assert recipe.selection_rule("pretrain2") == "best_eval_average" and recipe.selection_rule("anneal1") == "last"
+    assert recipe.stage("anneal1").init_from == "pretrain2"
+    assert recipe.stage("pretrain2").select == "best_eval_average" and recipe.stage("anneal1").select == "last"
+    assert recipe.stage("sft").select == "best_eval_average"  # what serving loads
+    assert recipe.eval != "demo" and not any(t.source.startswith("demo:") for t in recipe.eval.tasks)
     assert recipe.scaling.use_gpu
 
 
@@ -58,8 +61,12 @@ def tiny_raw():
 
 def test_bad_recipes_name_the_field():
     raw = tiny_raw()
-    raw["stages"][1]["init_from"] = {"stage": "sft", "rule": "last"}
-    with pytest.raises(ValueError, match=r"stages.1.init_from.stage"):
+    raw["stages"][1]["init_from"] = "sft"
+    with pytest.raises(ValueError, match=r"stages.1.init_from: 'sft' is not an earlier stage"):
+        Recipe.model_validate(raw)
+    raw = tiny_raw()
+    raw["stages"][1]["select"] = "best"
+    with pytest.raises(ValueError, match=r"stages.1.select"):
         Recipe.model_validate(raw)
     raw = tiny_raw()
     raw["stages"][2]["name"] = "pretrain1"
@@ -73,6 +80,41 @@ def test_bad_recipes_name_the_field():
     raw["stages"][0]["mixture"]["weights"] = {"text": -1.0}
     with pytest.raises(ValueError, match="weights.text"):
         Recipe.model_validate(raw)
+
+
+def test_the_recipe_formats_of_earlier_versions_get_a_message_saying_what_changed():
+    raw = tiny_raw()
+    raw["stages"][1]["init_from"] = {"stage": "pretrain1", "rule": "last"}
+    with pytest.raises(ValueError, match=r"init_from: name the earlier stage .* own `select:`"):
+        Recipe.model_validate(raw)
+    with pytest.raises(ValueError, match=r"final_selection: removed; each stage names its own rule"):
+        Recipe.model_validate({**tiny_raw(), "final_selection": "best_eval_average"})
+
+
+OWN_DATA = {"demo": False, "tokenizer_uri": "s3://b/tok", "sources": [{"uri": "s3://b/web/*.jsonl", "domain": "text"}]}
+
+
+@pytest.mark.parametrize("eval_block, message", [
+    ("demo", "eval: the demo suite scores checkpoints on the demo corpus's held-out sets, but data.demo is false"),
+    ({"tasks": [{"name": "t", "kind": "elbo", "source": "demo:heldout_text", "num_mc_samples": 2}]},
+     r"eval.tasks: \['t'\] read demo: sources, but data.demo is false"),
+])
+def test_a_recipe_whose_eval_suite_cannot_run_fails_at_load(eval_block, message):
+    raw = {**tiny_raw(), "data": OWN_DATA, "eval": eval_block}
+    with pytest.raises(ValueError, match=message):
+        Recipe.model_validate(raw)
+    own_suite = {"tasks": [{"name": "t", "kind": "elbo", "source": "s3://b/eval/t.jsonl", "num_mc_samples": 2}]}
+    assert Recipe.model_validate({**raw, "eval": own_suite}).eval.tasks[0].name == "t"
+
+
+def test_eval_and_serve_blocks_are_typed_and_checked_at_load():
+    with pytest.raises(ValueError, match=r"eval.suite.tasks.0.generation.sampling"):
+        Recipe.model_validate({**tiny_raw(), "eval": {"tasks": [
+            {"name": "g", "kind": "generation", "source": "x.jsonl", "sampling": {"gen_length": 8, "cache": "full"}}]}})
+    with pytest.raises(ValueError, match=r"serve.replica\n.*replica.num_gpus: must be >= 0"):
+        Recipe.model_validate({**tiny_raw(), "serve": {"replica": {"num_gpus": -1}}})
+    recipe = Recipe.model_validate({**tiny_raw(), "serve": {"port": 9001}})
+    assert recipe.serve.port == 9001 and recipe.serve.sampling.cache == "dual"
 
 
 def test_cli_exits_non_zero_naming_the_field_path(capsys, tmp_path):
@@ -95,7 +137,7 @@ def test_status_json_on_a_fresh_run(capsys, tmp_path):
 
     report = json.loads(capsys.readouterr().out)
     assert [s["stage"] for s in report["stages"]] == ["pretrain1", "pretrain2", "anneal1", "anneal2", "sft"]
-    assert all(s["state"] == "not started" and s["selected_checkpoint_uri"] is None for s in report["stages"])
+    assert all(s["state"] == "not started" and s["selected"] is None for s in report["stages"])
 
 
 def test_submit_entrypoint_uses_the_given_interpreter():
@@ -133,3 +175,31 @@ def test_relative_local_paths_become_absolute_where_the_recipe_is_loaded(tmp_pat
     assert remote.storage_uri == "s3://bucket/runs"
     with pytest.raises(ValueError, match="unsupported scheme"):
         Recipe.model_validate({**raw, "storage_uri": "ftp://host/runs"})
+
+
+def test_an_s3_recipe_is_served_with_its_serve_block_and_the_selected_checkpoint(s3_server, capsys):
+    """`llada serve s3://.../recipe.yaml`: the recipe is read from storage like every other command
+    (it was once re-read with open()), its serve: block applies, the last stage's selection names
+    the checkpoint."""
+    import json
+
+    bucket = s3_server.bucket("recipes")
+    raw = {**tiny_raw(), "storage_uri": f"{bucket}/runs", "serve": {"port": 9123, "model_name": "tiny-s3"}}
+    s3_server.client().put_object(Bucket=bucket[5:], Key="recipe.yaml", Body=yaml.safe_dump(raw).encode())
+    selected = {"uri": f"{bucket}/runs/tiny-cpu/stages/sft/checkpoints/checkpoint_000800",
+                "hf_uri": f"{bucket}/runs/tiny-cpu/stages/sft/checkpoints/checkpoint_000800/hf", "step": 800}
+    s3_server.client().put_object(Bucket=bucket[5:], Key="runs/tiny-cpu/stages/sft/selection.json",
+                                  Body=json.dumps({"format": "llada-selection/2", "checkpoint": selected}).encode())
+    assert main(["serve", f"{bucket}/recipe.yaml", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    document = yaml.safe_load(printed[printed.index("# Ray Serve config"):])
+    args = document["applications"][0]["args"]
+    assert args["checkpoint"] == selected["hf_uri"]
+    assert args["config"]["model_name"] == "tiny-s3" and document["http_options"]["port"] == 9123
+
+
+def test_serve_without_a_serve_block_uses_the_shipped_config_for_the_recipes_hardware(capsys, tmp_path):
+    path = next(p for p in RECIPES if p.name == "tiny-cpu.yaml")
+    assert main(["serve", str(path), "--checkpoint", "/ckpt/hf", "--print-config"]) == 0
+    document = yaml.safe_load(capsys.readouterr().out)
+    assert document["applications"][0]["args"]["config"]["sampling"]["max_tokens"] == 64  # laptop.yaml

@@ -76,7 +76,7 @@ def parts():
     info = ModelInfo(vocab_size=config.vocab_size, max_position_embeddings=128, mask_id=ids.mask,
                      eos_id=ids.eos, eot_id=ids.role_end)
     serve_config = ServeConfig.model_validate({
-        "model_name": MODEL_NAME, "sampling": {"max_tokens": 8, "block_length": 4},
+        "model_name": MODEL_NAME, "sampling": {"max_tokens": 8, "block_length": 4, "threshold": None, "cache": None, "early_stop": False},
         "limits": {"max_tokens": 16, "max_prompt_tokens": 48, "max_request_bytes": 4096},
         "request_timeout_s": 60.0})
     return tokenizer, model, info, serve_config
@@ -117,9 +117,9 @@ def test_completion_text_is_the_decoded_answer_of_the_sampler(client, parts):
     assert body["object"] == "text_completion" and body["model"] == MODEL_NAME
     [choice] = body["choices"]
     prompt_ids = tuple(tokenizer("the cat", add_special_tokens=False)["input_ids"])
-    from serve.batching import SamplingParams
-    params = SamplingParams(gen_length=8, steps=8, block_length=4, eot_id=info.eot_id)
-    request = SampleRequest("x", prompt_ids, 6, params)
+    from llada_core import SamplingOptions
+    options = SamplingOptions(gen_length=8, steps=8, block_length=4)
+    request = SampleRequest("x", prompt_ids, 6, options, eot_id=info.eot_id)
     expected = tokenizer.decode([t for t in sample_group(model, [request])[0] if t < len(tokenizer)],
                                 skip_special_tokens=True)
     assert choice["text"] == expected and choice["finish_reason"] == "length"
@@ -258,13 +258,13 @@ class CheckingBackend:
     async def stream(self, request: SampleRequest):
         from serve.batching import BlockUpdate
 
-        params = request.params
-        assert params.gen_length % params.block_length == 0 and params.steps % params.num_blocks == 0
-        assert params.steps <= params.gen_length and 1 <= request.max_tokens <= params.gen_length
-        for index in range(params.num_blocks):
-            start = index * params.block_length
-            size = max(0, min(params.block_length, request.max_tokens - start))
-            yield BlockUpdate(index, params.num_blocks, (7,) * size)
+        options = request.options  # a SamplingOptions checked itself when the ingress built it
+        assert type(options).model_validate(options.model_dump()) == options
+        assert 1 <= request.max_tokens <= options.gen_length
+        for index in range(options.num_blocks):
+            start = index * options.block_length
+            size = max(0, min(options.block_length, request.max_tokens - start))
+            yield BlockUpdate(index + 1, options.num_blocks, (7,) * size)
 
     async def ready(self) -> dict:
         return {}

@@ -13,16 +13,14 @@ import time
 import pytest
 import torch
 
-from llada_core import LLaDAMoEModelLM, generate, preset
+from llada_core import LLaDAMoEModelLM, SamplingOptions, generate, left_pad, preset
 from serve.batching import (
     BatchRunner,
     BlockUpdate,
     SampleFailure,
     SampleRequest,
-    SamplingParams,
     batch_key,
     group_requests,
-    left_pad,
     sample_group,
 )
 
@@ -39,10 +37,11 @@ def model() -> LLaDAMoEModelLM:
 
 
 def request(prompt: list[int], max_tokens: int = 8, block_length: int = 4, steps: int | None = None,
-            name: str = "r", **params: object) -> SampleRequest:
+            name: str = "r", seed: int | None = None, **options: object) -> SampleRequest:
     gen_length = math.ceil(max_tokens / block_length) * block_length
-    sampling = SamplingParams(gen_length=gen_length, steps=steps or gen_length, block_length=block_length, **params)
-    return SampleRequest(request_id=name, prompt_ids=tuple(prompt), max_tokens=max_tokens, params=sampling)
+    sampling = SamplingOptions(gen_length=gen_length, steps=steps or gen_length, block_length=block_length, **options)
+    return SampleRequest(request_id=name, prompt_ids=tuple(prompt), max_tokens=max_tokens, options=sampling,
+                         seed=seed)
 
 
 def prompt(length: int, seed: int) -> list[int]:
@@ -86,18 +85,14 @@ def test_batched_group_equals_each_request_alone_greedy(model):
         assert len(batched[row]) == single.max_tokens
 
 
-FAST_OPTIONS = [(("threshold", 0.9),), (("cache", "prefix"),), (("cache", "dual"),), (("early_stop", True),),
-                (("cache", "dual"), ("early_stop", True), ("threshold", 0.9))]
+FAST_OPTIONS = [{"threshold": 0.9}, {"cache": "prefix"}, {"cache": "dual"}, {"early_stop": True},
+                {"cache": "dual", "early_stop": True, "threshold": 0.9}]
 
 
-@pytest.mark.parametrize("extensions", FAST_OPTIONS, ids=lambda e: "+".join(f"{k}={v}" for k, v in e))
-def test_batched_equals_alone_with_the_sampler_accelerations(model, extensions):
-    from serve.validation import sampler_extensions
-
-    assert {name for name, _ in extensions} <= sampler_extensions()  # generate() accepts them
-    requests = [request(prompt(7, 1), 5, name="a", extensions=extensions),
-                request(prompt(3, 2), 8, name="b", extensions=extensions),
-                request([], 8, name="c", extensions=extensions)]
+@pytest.mark.parametrize("fast", FAST_OPTIONS, ids=lambda e: "+".join(f"{k}={v}" for k, v in e.items()))
+def test_batched_equals_alone_with_the_sampler_accelerations(model, fast):
+    requests = [request(prompt(7, 1), 5, name="a", **fast), request(prompt(3, 2), 8, name="b", **fast),
+                request([], 8, name="c", **fast)]
     batched = sample_group(model, requests)
     for row, single in enumerate(requests):
         assert batched[row] == sample_group(model, [single])[0], f"row {row} differs from the request alone"
@@ -156,7 +151,7 @@ def test_runner_streams_every_group_block_by_block(model):
     for i, single in enumerate(requests):
         updates = streams[i]
         assert all(isinstance(u, BlockUpdate) for u in updates)
-        assert [u.blocks_done for u in updates] == list(range(1, single.params.num_blocks + 1))
+        assert [u.blocks_done for u in updates] == list(range(1, single.options.num_blocks + 1))
         assert updates[-1].final
         assert sum((u.token_ids for u in updates), ()) == sample_group(model, [single])[0]
 
@@ -215,7 +210,8 @@ def test_after_a_batch_a_group_that_is_not_full_waits_briefly_for_returning_clie
 
 
 def test_runner_fails_expired_requests_with_504_and_bad_arguments_with_400(model):
-    expired = SampleRequest("late", (5, 6), 4, SamplingParams(4, 4, 4), deadline=time.time() - 1)
+    expired = SampleRequest("late", (5, 6), 4, SamplingOptions(gen_length=4, steps=4, block_length=4),
+                            deadline=time.time() - 1)
 
     def broken_generate(*args, **kwargs):
         raise ValueError("steps: not allowed here")

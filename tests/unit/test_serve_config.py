@@ -14,7 +14,6 @@ from ray.serve.schema import ServeDeploySchema
 from serve.app import IMPORT_PATH, serve_config_document, serve_config_yaml
 from serve.cli import add_serve_command, main
 from serve.config import AppArgs, ServeConfig, load_serve_config
-from serve.validation import check_extensions, sampler_extensions
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "serve" / "configs").glob("*.yaml"))
 
@@ -25,9 +24,21 @@ def test_every_shipped_config_starts_with_its_command_and_validates(path):
     config = load_serve_config(str(path))
     assert config.host == "127.0.0.1"
     sampling = config.sampling
-    check_extensions({"threshold": sampling.threshold, "cache": sampling.cache, "early_stop": sampling.early_stop},
-                     sampler_extensions())  # the ingress would refuse to start otherwise
+    assert (sampling.threshold, sampling.cache, sampling.early_stop) == (0.9, "dual", True)  # the measured choice
     ServeDeploySchema.model_validate(serve_config_document(AppArgs(checkpoint="s3://b/c", config=config)))
+
+
+def test_the_default_sampling_is_the_fast_options_and_bad_defaults_fail_at_load():
+    from llada_core import FAST_OPTIONS
+
+    sampling = ServeConfig().sampling
+    assert {name: getattr(sampling, name) for name in FAST_OPTIONS} == FAST_OPTIONS
+    with pytest.raises(ValidationError, match="cache"):
+        ServeConfig.model_validate({"sampling": {"cache": "sideways"}})
+    with pytest.raises(ValidationError, match="threshold: needs remasking"):
+        ServeConfig.model_validate({"sampling": {"remasking": "random"}})  # with the default threshold
+    reference = ServeConfig.model_validate({"sampling": {"remasking": "random", "threshold": None}})
+    assert reference.sampling.threshold is None
 
 
 def test_configs_are_shipped():
@@ -58,14 +69,19 @@ def test_bad_configs_are_refused_naming_the_field(values, field):
     assert field in str(caught.value)
 
 
-def test_a_recipe_serve_block_loads_and_flags_override_it(tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("name: demo\nserve:\n  port: 9000\n  batching: {max_batch_size: 4}\n")
-    config = load_serve_config(str(recipe), {"host": "0.0.0.0"})
+def test_a_serve_config_file_loads_and_flags_override_it_and_a_recipe_is_refused(tmp_path):
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text("port: 9000\nbatching: {max_batch_size: 4}\n")
+    config = load_serve_config(str(config_file), {"host": "0.0.0.0"})
     assert (config.port, config.host, config.batching.max_batch_size) == (9000, "0.0.0.0", 4)
     (tmp_path / "bad.yaml").write_text("port: [")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_serve_config(str(tmp_path / "bad.yaml"))
+    (tmp_path / "recipe.yaml").write_text("run_id: r\nserve:\n  port: 9000\n")
+    with pytest.raises(ValueError, match="this is a recipe, not a serve config; use `llada serve RECIPE`"):
+        load_serve_config(str(tmp_path / "recipe.yaml"))
+    with pytest.raises(ValueError, match="cannot read the serve config"):
+        load_serve_config(str(tmp_path / "missing.yaml"))
 
 
 def test_printed_config_is_a_valid_serve_deploy_config_that_round_trips():
@@ -104,7 +120,7 @@ def test_cli_print_config(capsys, tmp_path):
 @pytest.mark.parametrize("argv,needle", [
     (["--print-config"], "--checkpoint: required"),
     (["--checkpoint", "/c", "--port", "0", "--print-config"], "port"),
-    (["recipe.yaml", "--config", "x.yaml", "--checkpoint", "/c"], "not both"),
+    (["--config", "/no/such/serve.yaml", "--checkpoint", "/c"], "cannot read the serve config"),
 ])
 def test_cli_errors_name_the_problem(capsys, argv, needle):
     assert main(argv) == 2

@@ -19,16 +19,15 @@ from serve.validation import (
     completion_prompts,
     resolve_sampling,
     sample_requests,
-    sampler_extensions,
 )
 
 MODEL = ModelInfo(vocab_size=512, max_position_embeddings=64, mask_id=1, eos_id=0, eot_id=4)
+REFERENCE = {"threshold": None, "cache": None, "early_stop": False}
 CONFIG = ServeConfig.model_validate({
-    "sampling": {"max_tokens": 10, "block_length": 4},
+    "sampling": {"max_tokens": 10, "block_length": 4, **REFERENCE},
     "limits": {"max_tokens": 32, "max_prompt_tokens": 40, "max_steps": 24, "max_cfg_scale": 3.0,
                "max_prompts_per_request": 3},
 })
-NO_EXTENSIONS: frozenset[str] = frozenset()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,7 @@ def completion(**fields) -> CompletionRequest:
 
 def resolve(**fields):
     body = completion(**fields)
-    return resolve_sampling(body, body.max_tokens, CONFIG, NO_EXTENSIONS, MODEL)
+    return resolve_sampling(body, body.max_tokens, CONFIG)
 
 
 def error_of(call, *args, **kwargs) -> RequestError:
@@ -53,20 +52,21 @@ def error_of(call, *args, **kwargs) -> RequestError:
 
 
 def test_defaults_round_max_tokens_up_to_whole_blocks_with_one_commit_per_step():
-    max_tokens, params = resolve()
-    assert max_tokens == 10
-    assert (params.gen_length, params.block_length, params.steps) == (12, 4, 12)
-    assert (params.temperature, params.cfg_scale, params.remasking) == (0.0, 0.0, "low_confidence")
-    assert params.eot_id == MODEL.eot_id and params.extensions == ()
+    sampling = resolve()
+    options = sampling.options
+    assert sampling.max_tokens == 10 and sampling.seed is None
+    assert (options.gen_length, options.block_length, options.steps) == (12, 4, 12)
+    assert (options.temperature, options.cfg_scale, options.remasking) == (0.0, 0.0, "low_confidence")
+    assert (options.threshold, options.cache, options.early_stop) == (None, None, False)
 
 
 def test_request_fields_override_defaults_and_steps_per_block_default_applies():
-    _, params = resolve(max_tokens=5, block_length=8, steps=4, temperature=0.7, cfg_scale=1.5, remasking="random")
-    assert (params.gen_length, params.steps, params.temperature, params.cfg_scale, params.remasking) == \
+    options = resolve(max_tokens=5, block_length=8, steps=4, temperature=0.7, cfg_scale=1.5, remasking="random").options
+    assert (options.gen_length, options.steps, options.temperature, options.cfg_scale, options.remasking) == \
         (8, 4, 0.7, 1.5, "random")
-    config = ServeConfig.model_validate({"sampling": {"block_length": 8, "steps_per_block": 2}})
+    config = ServeConfig.model_validate({"sampling": {"block_length": 8, "steps_per_block": 2, **REFERENCE}})
     body = completion(max_tokens=20)
-    assert resolve_sampling(body, 20, config, NO_EXTENSIONS, MODEL)[1].steps == 6  # 3 blocks x 2
+    assert resolve_sampling(body, 20, config).options.steps == 6  # 3 blocks x 2
 
 
 @pytest.mark.parametrize("fields,param", [
@@ -76,38 +76,32 @@ def test_request_fields_override_defaults_and_steps_per_block_default_applies():
     (dict(max_tokens=8, block_length=8, steps=16), "steps"),
     (dict(max_tokens=32, block_length=1, steps=32), "steps"),
     (dict(cfg_scale=3.5), "cfg_scale"),
-    (dict(threshold=0.9), "threshold"),
-    (dict(cache="prefix"), "cache"),
+    (dict(threshold=0.9, remasking="random"), "threshold"),
+    (dict(cache="prefix-ish"), "cache"),
 ])
 def test_bad_sampling_parameters_are_400_naming_the_field(fields, param):
     error = error_of(resolve, **fields)
     assert error.status == 400 and error.param == param and error.message.startswith(f"{param}:")
 
 
-def test_supported_extensions_pass_through_and_the_seed_only_matters_when_sampling():
-    body = completion(threshold=0.9, seed=7)
-    _, params = resolve_sampling(body, None, CONFIG, frozenset({"threshold"}), MODEL)
-    assert params.extensions == (("threshold", 0.9),) and params.seed is None  # greedy: no seed
-    _, params = resolve_sampling(completion(temperature=0.5, seed=7), None, CONFIG, NO_EXTENSIONS, MODEL)
-    assert params.seed == 7
+def test_fast_options_pass_through_and_the_seed_only_matters_when_sampling():
+    sampling = resolve(threshold=0.9, seed=7)
+    assert sampling.options.threshold == 0.9 and sampling.seed is None  # greedy: no seed
+    assert resolve(temperature=0.5, seed=7).seed == 7
+
+
+def test_config_defaults_apply_and_a_request_turns_an_option_off_with_null():
+    fast = ServeConfig.model_validate({"sampling": {"max_tokens": 8, "block_length": 4}})
+    options = resolve_sampling(completion(), None, fast).options
+    assert (options.threshold, options.cache, options.early_stop) == (0.9, "dual", True)
+    body = completion(threshold=None, cache=None, early_stop=False)
+    options = resolve_sampling(body, None, fast).options
+    assert (options.threshold, options.cache, options.early_stop) == (None, None, False)
 
 
 def test_cache_modes_are_checked_before_they_reach_a_batch():
-    all_extensions = frozenset({"threshold", "cache", "early_stop"})
-    body = completion(cache="sideways")
-    error = error_of(resolve_sampling, body, None, CONFIG, all_extensions, MODEL)
+    error = error_of(resolve, cache="sideways")
     assert error.param == "cache" and "sideways" in error.message
-    defaults = ServeConfig.model_validate({"sampling": {"cache": "dual", "early_stop": True}})
-    _, params = resolve_sampling(completion(), None, defaults, all_extensions, MODEL)
-    assert params.extensions == (("cache", "dual"), ("early_stop", True))
-
-
-def test_sampler_extensions_are_read_from_generates_signature():
-    def future_generate(model, prompt, steps=1, *, threshold=None, early_stop=False):
-        raise NotImplementedError
-
-    assert sampler_extensions(future_generate) == {"threshold", "early_stop"}
-    assert sampler_extensions(lambda model, prompt: None) == set()
 
 
 def test_unknown_model_is_404():
@@ -154,11 +148,12 @@ def test_chat_messages_use_the_tokenizers_template_in_the_released_shape(tokeniz
 
 
 def test_sample_requests_check_every_prompt_and_share_one_deadline():
-    _, params = resolve(max_tokens=4)
-    requests = sample_requests([[5, 6], [7]], 4, params, MODEL, CONFIG, "prompt")
+    sampling = resolve(max_tokens=4)
+    requests = sample_requests([[5, 6], [7]], sampling, MODEL, CONFIG, "prompt")
     assert [r.prompt_ids for r in requests] == [(5, 6), (7,)] and requests[0].deadline == requests[1].deadline
     assert requests[0].request_id != requests[1].request_id
-    assert error_of(sample_requests, [[5], [1]], 4, params, MODEL, CONFIG, "prompt").status == 400
+    assert requests[0].options == sampling.options and requests[0].eot_id == MODEL.eot_id
+    assert error_of(sample_requests, [[5], [1]], sampling, MODEL, CONFIG, "prompt").status == 400
 
 
 @pytest.mark.parametrize("fields,needle", [

@@ -73,8 +73,8 @@ def client(answering) -> TestClient:  # type: ignore[no-untyped-def]
                      mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.role_end)
     # No fast option in the config: each request asks for its own (an early_stop request on a
     # server without it lost its answer too).
-    config = ServeConfig.model_validate({"model_name": MODEL_NAME, "sampling": {"max_tokens": GEN_LENGTH,
-                                         "block_length": 16}, "limits": {"max_tokens": 64}})
+    config = ServeConfig.model_validate({"model_name": MODEL_NAME, "limits": {"max_tokens": 64}, "sampling": {
+        "max_tokens": GEN_LENGTH, "block_length": 16, "threshold": None, "cache": None, "early_stop": False}})
     return TestClient(create_app(OpenAIServer(InProcessBackend(model), tokenizer, info, config)))
 
 
