@@ -87,6 +87,10 @@ class CheckpointInfo:
     def step(self) -> int:
         return self.ref.step
 
+    @property
+    def hf_uri(self) -> str:
+        return self.ref.hf_uri
+
 
 def write_completion_record(ref: CheckpointRef, metrics: dict[str, Any], s3: storage.S3Settings | None = None) -> None:
     storage.write_json(storage.join(ref.uri, COMPLETE_RECORD),

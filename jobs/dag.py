@@ -135,7 +135,8 @@ def run_recipe(recipe: RunRecipe, s3: storage.S3Settings | None = None, only_sta
             continue
         progress(f"[dag] {stage.name}: training ({stage.kind})")
         selection = run_one_stage(recipe, stage.name, prepared, s3, on_step, progress)
-        progress(f"[dag] {stage.name}: selected {selection['checkpoint']['uri']} ({selection['reason']})")
+        progress(f"[dag] {stage.name}: selected {selection['checkpoint']['uri']} ({selection['reason']}; "
+                 f"stage took {time.perf_counter() - started:.0f} s)")
         storage.write_json(storage.join(recipe.stage_uri(stage.name), DONE_RECORD), {
             "stage": stage.name, "fingerprint": recipe.fingerprint(stage.name), "selection": selection,
             "finished_at": time.time(),

@@ -129,12 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that name a user's problem (unreachable storage, a bad data or eval file, a broken
+    checkpoint): printed as one line, without a traceback."""
+    from jobs.evaluation.tasks import EvalError
+    from llada_core.checkpoint import CheckpointError
+    from pipelines.pack import PackError
+    from pipelines.reader import DataError
+    from pipelines.sources import SourceError
+    from pipelines.storage import StorageError
+    from pipelines.tokenizer import TokenizerError
+
+    return (StorageError, TokenizerError, SourceError, PackError, DataError, EvalError, CheckpointError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from llada.console import Console
 
     args = build_parser().parse_args(argv)
     args.console = Console(verbose=getattr(args, "verbose", False))
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except user_errors() as error:
+        args.console.error(f"llada {args.command}: {error}")
+        return 1
 
 
 if __name__ == "__main__":
