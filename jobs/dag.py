@@ -85,6 +85,11 @@ def score_and_select(recipe: RunRecipe, name: str, s3: storage.S3Settings | None
     checkpoints = ckpt.list_checkpoints(recipe.stage_uri(name), s3)
     if not checkpoints:
         raise RuntimeError(f"stage {name!r} finished without a complete checkpoint under {recipe.stage_uri(name)}")
+    if recipe.stage(name).select == "last":
+        # Only the latest can be chosen, so only it is scored: at the 7B recipe's size an eval
+        # of every checkpoint of a 10T-token stage would cost GPU-days for nothing. `llada eval
+        # --stage NAME` scores the others on demand.
+        checkpoints = checkpoints[-1:]
     relay = None if progress is None else (lambda line: progress(f"[{name}] {line}"))
     records = evaluate_checkpoints_ray(checkpoints, eval_suite(recipe), corpus_uri(recipe), s3, progress=relay)
     decision = select_checkpoint(records, recipe.stage(name).select)

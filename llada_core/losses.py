@@ -1,6 +1,13 @@
 """Masked-diffusion training objectives and MoE auxiliary losses (LLADA_SPEC sections 2 and 4).
 
-Legend: B batch, L length, V vocab, T tokens (B*L), E experts, K top-k.
+Legend: B batch, L length, V vocab, D hidden, T tokens (B*L), M masked positions, E experts, K top-k.
+
+Two forms of Eq. 2 and Eq. 5: from full logits [B, L, V] (:func:`pretrain_loss`, :func:`sft_loss`;
+eval and tests), and from the final hidden states (:func:`pretrain_loss_from_hidden`,
+:func:`sft_loss_from_hidden`; training), which applies the lm_head and the fp32 cross-entropy
+only at the masked positions, in chunks, so that no [positions, V] fp32 tensor larger than a
+chunk exists. At the released vocabulary (157,184) a 4k row's full fp32 logits are 2.6 GB;
+only a fraction t of the positions (half on average) enters the loss.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from llada_core.model import route
 
@@ -66,6 +74,58 @@ def sft_loss(
     response_len_B = response_mask.sum(-1).clamp(min=1)
     per_sequence_B = (ce_BL / batch.t[:, None]).sum(-1) / response_len_B
     return per_sequence_B.mean()
+
+
+# Positions per lm_head + cross-entropy chunk: chunk x V fp32 logits stay under 2**27 floats
+# (512 MB); at V = 4096 one chunk holds 32768 positions, at V = 157,184 it holds 853.
+MAX_CHUNK_LOGITS = 2**27
+
+
+def chunk_positions(vocab_size: int) -> int:
+    return max(1, MAX_CHUNK_LOGITS // vocab_size)
+
+
+def _chunk_nll(hidden_CD: torch.Tensor, lm_head_VD: torch.Tensor, target_C: torch.Tensor) -> torch.Tensor:
+    logits_CV = F.linear(hidden_CD, lm_head_VD).float()
+    return F.cross_entropy(logits_CV, target_C, reduction="none")
+
+
+def masked_nll(hidden_BLD: torch.Tensor, lm_head_VD: torch.Tensor, target_BL: torch.Tensor,
+               masked_BL: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy [M] (fp32) at the masked positions only, and each one's row [M].
+
+    The lm_head runs on the masked hidden states, ``chunk`` positions at a time (default: the
+    largest whose fp32 logits fit ``MAX_CHUNK_LOGITS``). With more than one chunk each chunk is
+    recomputed in the backward pass (activation checkpointing), so only one chunk's logits ever
+    exist; with one chunk nothing is recomputed.
+    """
+    row_M, position_M = masked_BL.nonzero(as_tuple=True)
+    hidden_MD = hidden_BLD[row_M, position_M]
+    target_M = target_BL[row_M, position_M]
+    chunk = chunk or chunk_positions(lm_head_VD.shape[0])
+    if hidden_MD.shape[0] <= chunk:
+        return _chunk_nll(hidden_MD, lm_head_VD, target_M), row_M
+    pieces = [checkpoint(_chunk_nll, hidden_MD[start:start + chunk], lm_head_VD, target_M[start:start + chunk],
+                         use_reentrant=False)
+              for start in range(0, hidden_MD.shape[0], chunk)]
+    return torch.cat(pieces), row_M
+
+
+def pretrain_loss_from_hidden(hidden_BLD: torch.Tensor, lm_head_VD: torch.Tensor, input_ids: torch.Tensor,
+                              batch: MaskedBatch, chunk: int | None = None) -> torch.Tensor:
+    """Eq. 2 as :func:`pretrain_loss`, from the final hidden states [B, L, D] and the lm_head
+    weight [V, D]: sum over masked positions of CE / t, normalised by B * L."""
+    nll_M, row_M = masked_nll(hidden_BLD, lm_head_VD, input_ids, batch.masked, chunk)
+    return (nll_M / batch.t[row_M]).sum() / input_ids.numel()
+
+
+def sft_loss_from_hidden(hidden_BLD: torch.Tensor, lm_head_VD: torch.Tensor, input_ids: torch.Tensor,
+                         batch: MaskedBatch, response_mask: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Eq. 5 as :func:`sft_loss`, from the final hidden states and the lm_head weight."""
+    nll_M, row_M = masked_nll(hidden_BLD, lm_head_VD, input_ids, batch.masked, chunk)
+    response_len_B = response_mask.sum(-1).clamp(min=1)
+    weight_M = 1.0 / (batch.t[row_M] * response_len_B[row_M])
+    return (nll_M * weight_M).sum() / input_ids.shape[0]
 
 
 def load_balance_loss(

@@ -50,12 +50,15 @@ class KVCache:
 
 @dataclass
 class ModelOutput:
-    """``logits`` [B, L, V] (or [B, len(logits_slice), V]); ``router_logits`` one fp32 [T, E] per
-    layer (for the aux losses); ``past_key_values`` when a cache was asked for or used."""
+    """``logits`` [B, L, V] (or [B, len(logits_slice), V]; None with ``hidden_only``);
+    ``router_logits`` one fp32 [T, E] per layer (for the aux losses); ``past_key_values`` when a
+    cache was asked for or used; ``hidden_states`` [B, L, D] after the final norm, with
+    ``hidden_only`` (the lm_head input: training applies it only where the loss needs it)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     router_logits: tuple[torch.Tensor, ...]
     past_key_values: KVCache | None = None
+    hidden_states: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -306,6 +309,7 @@ class LLaDAMoEModelLM(nn.Module):
         past_key_values: KVCache | None = None,
         cache_start: int | None = None,
         logits_slice: slice | None = None,
+        hidden_only: bool = False,
     ) -> ModelOutput:
         """input_ids [B, L]; attention_mask [B, L] (1 = token, 0 = padding, which no query attends
         to); position_ids [B, L] default to cumsum(mask) - 1, so a left-padded row sees the same
@@ -318,6 +322,8 @@ class LLaDAMoEModelLM(nn.Module):
             None). The span's keys/values are written into the cache, which is returned.
         logits_slice: compute logits only at these positions of input_ids (the final norm and
             lm_head are the largest per-token cost at a large vocabulary).
+        hidden_only: return the final hidden states instead of logits (training computes the
+            lm_head and cross-entropy only at the masked positions, llada_core.losses).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [batch, length], got shape {tuple(input_ids.shape)}")
@@ -343,10 +349,13 @@ class LLaDAMoEModelLM(nn.Module):
                 values.append(v_BHLD)
         if logits_slice is not None:
             h_BLD = h_BLD[:, logits_slice]
-        logits_BLV = self.lm_head(self.model.norm(h_BLD))
         cache = past_key_values
         if cache is None and use_cache:
             cache = KVCache(keys=keys, values=values, key_mask_B11L=key_mask_B11L, position_ids=position_ids)
+        if hidden_only:
+            return ModelOutput(logits=None, router_logits=tuple(router_logits), past_key_values=cache,
+                               hidden_states=self.model.norm(h_BLD))
+        logits_BLV = self.lm_head(self.model.norm(h_BLD))
         return ModelOutput(logits=logits_BLV, router_logits=tuple(router_logits), past_key_values=cache)
 
     @staticmethod

@@ -32,7 +32,8 @@ from jobs.training.expert_parallel import enable_expert_parallel, native_state_d
 from jobs.training.metrics import StepMetrics, measured_matmul_flops, model_flops_per_token, write_training_plot
 from jobs.stage_config import StageConfig
 from llada_core.checkpoint import load_model, save_model
-from llada_core.losses import forward_process, maybe_truncate_length, pretrain_loss, sft_loss, total_loss
+from llada_core.losses import (forward_process, maybe_truncate_length, pretrain_loss_from_hidden,
+                               sft_loss_from_hidden, total_loss)
 from llada_core.model import LLaDAMoEModelLM
 from pipelines import storage
 from pipelines.reader import DataCursor, iterate_batches
@@ -162,13 +163,15 @@ def train_step(engine: Any, batch: dict[str, np.ndarray], config: StageConfig, g
     if config.kind != "sft":
         input_ids = maybe_truncate_length(input_ids, config.variable_length_prob, generator=generator)
     masked = forward_process(input_ids, model_config.mask_token_id, maskable=maskable, generator=generator)
-    out = engine(masked.noisy_ids.to(engine.device))
+    # Hidden states, not logits: the losses apply the lm_head only at masked positions.
+    out = engine(masked.noisy_ids.to(engine.device), hidden_only=True)
     target = input_ids.to(engine.device)
     masked = type(masked)(masked.noisy_ids, masked.masked.to(engine.device), masked.t.to(engine.device))
+    lm_head_VD = engine.module.lm_head.weight
     if config.kind == "sft":
-        diffusion = sft_loss(out.logits, target, masked, maskable.to(engine.device))
+        diffusion = sft_loss_from_hidden(out.hidden_states, lm_head_VD, target, masked, maskable.to(engine.device))
     else:
-        diffusion = pretrain_loss(out.logits, target, masked)
+        diffusion = pretrain_loss_from_hidden(out.hidden_states, lm_head_VD, target, masked)
     terms = total_loss(diffusion, out.router_logits, model_config.num_experts_per_tok,
                        model_config.router_aux_loss_coef, model_config.router_z_loss_coef)
     engine.backward(terms.total)
@@ -231,8 +234,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(config.scaling.torch_threads)
     deepspeed.init_distributed(dist_backend="nccl" if config.scaling.use_gpu else "gloo", verbose=False)
     model = enable_expert_parallel(build_model(config, s3), config.scaling.expert_parallel_size)
+    # foreach: one fused update over all tensors (torch picks the per-tensor loop on CPU otherwise)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, config.optimizer.weight_decay),
-                                  lr=config.optimizer.lr, betas=config.optimizer.betas, eps=config.optimizer.eps)
+                                  lr=config.optimizer.lr, betas=config.optimizer.betas, eps=config.optimizer.eps,
+                                  foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                       config=deepspeed_config(config))

@@ -127,3 +127,53 @@ def test_select_sft_turn_keeps_earlier_turns_as_prompt():
     assert seen == {4, 12}
     with pytest.raises(ValueError, match="assistant_spans"):
         select_sft_turn(ids, [(18, 25)])
+
+
+# ---------------------------------------------------------------- loss only where it counts
+
+
+def _hidden_and_batch(seed: int, sft: bool):
+    """A small model's final hidden states and lm_head, with a masked batch (fp32)."""
+    from llada_core import LLaDAMoEModelLM, preset
+
+    torch.manual_seed(seed)
+    config = preset("tiny", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    model = LLaDAMoEModelLM(config)
+    ids = torch.randint(5, 96, (3, 20), generator=torch.Generator().manual_seed(seed))
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, 8:] = True
+    batch = forward_process(ids, config.mask_token_id, maskable=response if sft else None,
+                            generator=torch.Generator().manual_seed(seed + 1))
+    return model, ids, batch, response
+
+
+@pytest.mark.parametrize("sft", [False, True], ids=["pretrain", "sft"])
+@pytest.mark.parametrize("chunk", [None, 3], ids=["one-chunk", "chunks-of-3"])
+def test_the_loss_from_hidden_states_equals_the_full_logits_loss_with_equal_gradients(sft, chunk):
+    """Eq. 2 / Eq. 5 computed on masked positions only (in chunks, recomputed in backward) give
+    the loss and every gradient of the full-logits form, to 1e-5 relative in fp32."""
+    from llada_core.losses import pretrain_loss_from_hidden, sft_loss_from_hidden
+
+    model, ids, batch, response = _hidden_and_batch(0, sft)
+    assert batch.masked.sum() > 6  # several chunks of 3
+    full = sft_loss(model(batch.noisy_ids).logits, ids, batch, response) if sft else \
+        pretrain_loss(model(batch.noisy_ids).logits, ids, batch)
+    full.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    hidden = model(batch.noisy_ids, hidden_only=True).hidden_states
+    lm_head = model.lm_head.weight
+    loss = sft_loss_from_hidden(hidden, lm_head, ids, batch, response, chunk=chunk) if sft else \
+        pretrain_loss_from_hidden(hidden, lm_head, ids, batch, chunk=chunk)
+    loss.backward()
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_no_chunk_holds_more_logits_than_the_cap():
+    from llada_core.losses import MAX_CHUNK_LOGITS, chunk_positions
+
+    assert chunk_positions(157_184) * 157_184 <= MAX_CHUNK_LOGITS < (chunk_positions(157_184) + 1) * 157_184
+    assert chunk_positions(4096) == 32768 and chunk_positions(10**9) == 1

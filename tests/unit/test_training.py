@@ -83,9 +83,9 @@ class StubEngine:
     def __init__(self, model):
         self.module, self.device, self.seen = model, torch.device("cpu"), []
 
-    def __call__(self, ids):
+    def __call__(self, ids, **kwargs):
         self.seen.append(ids.clone())
-        return self.module(ids)
+        return self.module(ids, **kwargs)
 
     def backward(self, loss):
         loss.backward()
