@@ -12,7 +12,11 @@ Layout of one stage's folder (``StageConfig.output_uri``, local or s3://):
     training.png            loss and expert-load plot (end of stage)
     selection.json          (written by the DAG) the chosen checkpoint; rotation never deletes it
 
-A checkpoint without ``complete.json`` is incomplete (a crash during upload): readers ignore it.
+A checkpoint without ``complete.json`` is incomplete (a crash during upload): readers ignore it
+and a resumed stage discards it. The completion record lists every file of the checkpoint with
+its size and the stage's config fingerprint, so a resume can tell a whole checkpoint from a
+truncated one, and a checkpoint of a changed stage from one of this stage (the resume point is
+chosen here, never by Ray's own checkpoint bookkeeping).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ def checkpoint_name(step: int) -> str:
 
 def checkpoints_uri(stage_uri: str) -> str:
     return storage.join(stage_uri, CHECKPOINTS_DIR)
+
+
+class ResumeError(RuntimeError):
+    """A stage has checkpoints but none can be resumed from; the message names each and why."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +100,57 @@ class CheckpointInfo:
         return self.ref.hf_uri
 
 
-def write_completion_record(ref: CheckpointRef, metrics: dict[str, Any], s3: storage.S3Settings | None = None) -> None:
-    storage.write_json(storage.join(ref.uri, COMPLETE_RECORD),
-                       {"checkpoint": ref.to_json(), "step": ref.step, "completed_at": time.time(),
-                        "metrics": metrics}, s3)
+def write_completion_record(ref: CheckpointRef, metrics: dict[str, Any], s3: storage.S3Settings | None = None,
+                            fingerprint: str | None = None) -> dict[str, Any]:
+    """Written last, once every rank's files are in storage: the reference, the stage config's
+    fingerprint, and every file of the checkpoint with its size (what a resume verifies)."""
+    record = {"checkpoint": ref.to_json(), "step": ref.step, "completed_at": time.time(), "metrics": metrics,
+              "fingerprint": fingerprint, "files": storage.file_sizes(ref.uri, s3)}
+    storage.write_json(storage.join(ref.uri, COMPLETE_RECORD), record, s3)
+    return record
+
+
+def verify(info: CheckpointInfo, s3: storage.S3Settings | None = None) -> str | None:
+    """None when every file the completion record lists is there with its recorded size, else
+    what is wrong (one listing, no file is read). Records without a file list (written before
+    there was one) are taken as they are."""
+    expected = info.record.get("files")
+    if expected is None:
+        return None
+    present = storage.file_sizes(info.uri, s3)
+    missing = sorted(name for name in expected if name not in present)
+    if missing:
+        return f"{len(missing)} of its {len(expected)} files are missing (e.g. {missing[0]})"
+    for name, size in sorted(expected.items()):
+        if present[name] != size:
+            return f"{name} is {present[name]} bytes, its completion record says {size} (truncated or rewritten)"
+    return None
+
+
+def resume_candidates(stage_uri: str, s3: storage.S3Settings | None = None
+                      ) -> tuple[list[CheckpointInfo], list[tuple[CheckpointInfo, str]]]:
+    """The checkpoints a stage may resume from, newest first (complete, files verified), and
+    the complete ones that failed verification with the reason."""
+    usable, skipped = [], []
+    for info in reversed(list_checkpoints(stage_uri, s3)):
+        problem = verify(info, s3)
+        if problem is None:
+            usable.append(info)
+        else:
+            skipped.append((info, problem))
+    return usable, skipped
+
+
+def incomplete_checkpoints(stage_uri: str, s3: storage.S3Settings | None = None) -> list[CheckpointRef]:
+    """Checkpoint folders without a completion record (a save that never finished), oldest first."""
+    folders: dict[int, set[str]] = {}
+    for relative in storage.file_sizes(checkpoints_uri(stage_uri), s3):
+        name, _, rest = relative.partition("/")
+        step = _step_of_folder(name)
+        if step is not None:
+            folders.setdefault(step, set()).add(rest)
+    return [CheckpointRef.at(stage_uri, step) for step, files in sorted(folders.items())
+            if COMPLETE_RECORD not in files]
 
 
 def list_checkpoints(stage_uri: str, s3: storage.S3Settings | None = None,

@@ -16,7 +16,9 @@ from typing import Any, Callable
 
 from jobs import checkpoints as ckpt
 from jobs.evaluation.tasks import EvalSuiteConfig
+from jobs.edits import archive_stage, check_changes, restart_closure, stored_stage_config
 from jobs.recipe import RunRecipe
+from jobs.stage_config import StageConfig
 from pipelines import storage
 
 DONE_RECORD = "done.json"
@@ -60,12 +62,32 @@ def check_eval_sources(recipe: RunRecipe, s3: storage.S3Settings | None) -> None
         raise ValueError(f"eval.tasks: {len(missing)} source(s) do not exist: {'; '.join(missing)}")
 
 
-def read_done(recipe: RunRecipe, name: str, s3: storage.S3Settings | None) -> dict[str, Any] | None:
-    uri = storage.join(recipe.stage_uri(name), DONE_RECORD)
-    if not storage.exists(uri, s3):
-        return None
-    record = storage.read_json(uri, s3)
-    return record if record.get("fingerprint") == recipe.fingerprint(name) else None
+def check_cluster_fits(recipe: RunRecipe) -> None:
+    """Before any work: every stage's workers fit the cluster as it is (skipped on an autoscaling
+    cluster, which grows to a stage when it starts: jobs/training/scale_up.py)."""
+    import ray
+
+    from jobs.training import scale_up
+    from jobs.training.stage import worker_resources
+
+    if scale_up.timeout_from_env() is not None or not ray.is_initialized():
+        return
+    cluster = ray.cluster_resources()
+    for stage in recipe.stages:
+        worker_resources(recipe.stage_config(stage.name, data_uri="-", output_uri="-"), cluster)
+
+
+def check_stage_sizes(recipe: RunRecipe, prepared: dict[str, Any]) -> None:
+    """Right after data preparation: each stage has at least one batch for every worker."""
+    from pipelines.reader import DataError
+
+    for stage in recipe.stages:
+        written = prepared.get("stages", {}).get(stage.name)
+        workers = (stage.scaling or recipe.scaling).num_workers
+        if written is not None and written["num_sequences"] < stage.micro_batch_size * workers:
+            raise DataError(f"stages.{stage.name}: its data has {written['num_sequences']} sequences, fewer than one "
+                            f"batch of micro_batch_size {stage.micro_batch_size} x {workers} worker(s); raise "
+                            "mixture.token_budget or lower micro_batch_size")
 
 
 def selected_checkpoint(recipe: RunRecipe, name: str, s3: storage.S3Settings | None) -> ckpt.CheckpointRef:
@@ -98,56 +120,80 @@ def score_and_select(recipe: RunRecipe, name: str, s3: storage.S3Settings | None
     return record
 
 
-def run_one_stage(recipe: RunRecipe, name: str, prepared: dict[str, Any], s3: storage.S3Settings | None,
+def stage_config_for(recipe: RunRecipe, name: str, tokenizer_uri: str, s3: storage.S3Settings | None) -> StageConfig:
+    """The stage's resolved config; it starts from the checkpoint its ``init_from`` stage selected."""
+    stage = recipe.stage(name)
+    init_uri = selected_checkpoint(recipe, stage.init_from, s3).hf_uri if stage.init_from is not None else None
+    return recipe.stage_config(name, data_uri=storage.join(recipe.data_uri(), "stages", name),
+                               output_uri=recipe.stage_uri(name), tokenizer_uri=tokenizer_uri, init_from=init_uri)
+
+
+def run_one_stage(recipe: RunRecipe, config: StageConfig, s3: storage.S3Settings | None,
                   on_step: Callable[[dict[str, Any]], None] | None = None,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     from jobs.training.stage import run_stage
 
-    stage = recipe.stage(name)
-    init_uri = None
-    if stage.init_from is not None:
-        init_uri = selected_checkpoint(recipe, stage.init_from, s3).hf_uri
-    config = recipe.stage_config(
-        name, data_uri=storage.join(recipe.data_uri(), "stages", name), output_uri=recipe.stage_uri(name),
-        tokenizer_uri=prepared["tokenizer_uri"], init_from=init_uri,
-    )
-    storage.remove_tree(storage.join(recipe.stage_uri(name), ckpt.SELECTION_RECORD), s3)  # stale if retraining
+    storage.remove_tree(storage.join(config.output_uri, ckpt.SELECTION_RECORD), s3)  # stale if retraining
     run_stage(config, s3, on_step=on_step)
-    return score_and_select(recipe, name, s3, progress)
+    return score_and_select(recipe, config.name, s3, progress)
 
 
 def run_recipe(recipe: RunRecipe, s3: storage.S3Settings | None = None, only_stage: str | None = None,
                progress: Callable[[str], None] = print,
-               on_step: Callable[[dict[str, Any]], None] | None = None) -> list[StageOutcome]:
+               on_step: Callable[[dict[str, Any]], None] | None = None,
+               restart_stages: list[str] | None = None, accept_changes: bool = False) -> list[StageOutcome]:
     """Run the recipe's stages in order (or just ``only_stage``, whose inputs must be done).
-    ``progress`` gets the DAG's lines, ``on_step`` each training step's row."""
+    ``progress`` gets the DAG's lines, ``on_step`` each training step's row. A stage whose
+    recipe changed since it trained is refused unless it is in ``restart_stages`` (archived and
+    trained again, with every stage that starts from it) or ``accept_changes`` covers the
+    change (jobs/edits.py)."""
+    restart = restart_closure(recipe, restart_stages or [])
     if only_stage is not None:
         init_from = recipe.stage(only_stage).init_from  # a clear error for an unknown name
         if init_from is not None:
             selected_checkpoint(recipe, init_from, s3)  # its input must be done: fail before any work
     check_eval_sources(recipe, s3)
+    check_cluster_fits(recipe)
     storage.write_json(storage.join(recipe.run_uri, "recipe.json"), recipe.model_dump(mode="json"), s3)
     prepared = prepare_data(recipe, s3, progress)
+    check_stage_sizes(recipe, prepared)
     outcomes = []
     for stage in recipe.stages:
         if only_stage is not None and stage.name != only_stage:
             continue
         started = time.perf_counter()
-        done = read_done(recipe, stage.name, s3)
-        if done is not None:
+        if stage.name in restart and (archived := archive_stage(recipe, stage.name, s3)):
+            progress(f"[dag] {stage.name}: restarting; the earlier attempt is archived at {archived}")
+        done = _read_record(recipe, stage.name, s3)
+        if done is not None and done.get("fingerprint") == recipe.fingerprint(stage.name):
+            progress(f"[dag] {stage.name}: done earlier, skipped (selected step {_step(done['selection'])})")
+            outcomes.append(StageOutcome(stage.name, "skipped", done["selection"], 0.0))
+            continue
+        config = stage_config_for(recipe, stage.name, prepared["tokenizer_uri"], s3)
+        check_changes(config, stored_stage_config(config.output_uri, s3), accept_changes, progress)
+        if done is not None:  # only accepted, safe fields changed: nothing to train again
+            _write_done(recipe, stage.name, done["selection"], s3)
             progress(f"[dag] {stage.name}: done earlier, skipped (selected step {_step(done['selection'])})")
             outcomes.append(StageOutcome(stage.name, "skipped", done["selection"], 0.0))
             continue
         progress(f"[dag] {stage.name}: training ({stage.kind})")
-        selection = run_one_stage(recipe, stage.name, prepared, s3, on_step, progress)
+        selection = run_one_stage(recipe, config, s3, on_step, progress)
         progress(f"[dag] {stage.name}: selected {selection['checkpoint']['uri']} ({selection['reason']}; "
                  f"stage took {time.perf_counter() - started:.0f} s)")
-        storage.write_json(storage.join(recipe.stage_uri(stage.name), DONE_RECORD), {
-            "stage": stage.name, "fingerprint": recipe.fingerprint(stage.name), "selection": selection,
-            "finished_at": time.time(),
-        }, s3)
+        _write_done(recipe, stage.name, selection, s3)
         outcomes.append(StageOutcome(stage.name, "trained", selection, time.perf_counter() - started))
     return outcomes
+
+
+def _write_done(recipe: RunRecipe, name: str, selection: dict[str, Any], s3: storage.S3Settings | None) -> None:
+    storage.write_json(storage.join(recipe.stage_uri(name), DONE_RECORD), {
+        "stage": name, "fingerprint": recipe.fingerprint(name), "selection": selection, "finished_at": time.time(),
+    }, s3)
+
+
+def _read_record(recipe: RunRecipe, name: str, s3: storage.S3Settings | None) -> dict[str, Any] | None:
+    uri = storage.join(recipe.stage_uri(name), DONE_RECORD)
+    return storage.read_json(uri, s3) if storage.exists(uri, s3) else None
 
 
 def run_status(recipe: RunRecipe, s3: storage.S3Settings | None = None) -> list[dict[str, Any]]:
@@ -163,8 +209,11 @@ def run_status(recipe: RunRecipe, s3: storage.S3Settings | None = None) -> list[
                                 "eval_average": scores.get("average") if scores else None})
         selection_uri = storage.join(stage_uri, ckpt.SELECTION_RECORD)
         selected = ckpt.read_selection_ref(selection_uri, s3) if storage.exists(selection_uri, s3) else None
-        done = read_done(recipe, stage.name, s3)
-        state = "done" if done else ("in progress" if checkpoints else "not started")
+        record = _read_record(recipe, stage.name, s3)
+        if record is not None:
+            state = "done" if record.get("fingerprint") == recipe.fingerprint(stage.name) else "done, recipe changed"
+        else:
+            state = "in progress" if checkpoints else "not started"
         rows.append({"stage": stage.name, "kind": stage.kind, "state": state, "checkpoints": checkpoints,
                      "selected": selected.to_json() if selected else None, "selection_rule": stage.select})
     return rows

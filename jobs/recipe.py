@@ -103,7 +103,32 @@ class RunRecipe(Strict):
             except ValueError as error:
                 raise ValueError(f"stages.{index} ({stage.name}): {error}") from None
         self._check_eval_sources()
+        self._check_contexts()
         return self
+
+    def _check_contexts(self) -> None:
+        """No stage trains rows longer than the model's context (the exported config would claim
+        less context than the model was trained on, or RoPE would meet unseen positions)."""
+        for index, stage in enumerate(self.stages):
+            seq_len = self.data.sft_seq_len if stage.kind == "sft" else self.data.seq_len
+            if stage.max_seq_len is not None:
+                seq_len = min(seq_len, stage.max_seq_len)
+            context = self.context_of(stage.name)
+            if seq_len > context:
+                field = "data.sft_seq_len" if stage.kind == "sft" else "data.seq_len"
+                raise ValueError(f"stages.{index} ({stage.name}): trains rows of {seq_len} tokens ({field}) but the "
+                                 f"model's context is {context} (max_position_embeddings); raise the stage's "
+                                 f"max_position_embeddings or shorten the rows")
+
+    def context_of(self, name: str) -> int:
+        """The context a stage trains with: its own max_position_embeddings, else that of the
+        stage it starts from (a checkpoint keeps its context), else the model's."""
+        stage = self.stage(name)
+        if stage.max_position_embeddings is not None:
+            return stage.max_position_embeddings
+        if stage.init_from is not None:
+            return self.context_of(stage.init_from)
+        return self.model.build_config().max_position_embeddings
 
     def _check_eval_sources(self) -> None:
         """Every eval source must be able to exist for this run: the demo suite and ``demo:``

@@ -16,7 +16,8 @@ from pipelines import storage
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "16" or true is not an int here (YAML gives real numbers and booleans)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelSpec(Strict):
@@ -30,7 +31,7 @@ class ModelSpec(Strict):
 class OptimizerSpec(Strict):
     lr: float = Field(gt=0)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = Field((0.9, 0.95), strict=False)  # a YAML/JSON list is fine here
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0)
 
@@ -72,10 +73,13 @@ class ScalingSpec(Strict):
 
 
 class FaultInjection(Strict):
-    """Reliability testing only: crash ``rank`` once, right before optimizer step ``step``."""
+    """Reliability testing only: crash ``rank`` once at ``step``, at ``point``: right before that
+    optimizer step; after that step's checkpoint is in storage but before its completion record;
+    or while that checkpoint's files are copied (a write failing as on a full disk)."""
 
     step: int = Field(ge=1)
     rank: int = Field(0, ge=0)
+    point: Literal["before_step", "before_completion_record", "checkpoint_upload"] = "before_step"
 
 
 class StageConfig(Strict):
@@ -145,3 +149,40 @@ def absolute_uri(uri: str) -> str:
         return storage.absolute(uri)
     except storage.StorageError as error:
         raise ValueError(str(error)) from None
+
+
+# Fields a stage may change between an interruption and its resume without changing what the
+# resumed run computes (with `--accept-changes`): how often it saves and logs, how many
+# checkpoints it keeps, how it uses CPUs and retries, and fault injection. Everything else
+# (the model, data, batch sizes, steps, optimizer and schedule, the starting checkpoint, the
+# number of workers, which fixes how data is split) needs `--restart-stage`.
+SAFE_TO_CHANGE = ("checkpoint_every", "keep_last", "log_every", "scaling.max_failures", "scaling.cpus_per_worker",
+                  "scaling.data_cpus", "scaling.torch_threads", "fault_injection")
+
+
+def flat_fields(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A config dump as dotted paths -> leaf values (lists are leaves)."""
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(flat_fields(item, f"{prefix}{key}."))
+        return flat if value else {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): value}
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted paths whose values differ between two StageConfig dumps (``model_dump(mode="json")``)."""
+    old_flat, new_flat = flat_fields(old), flat_fields(new)
+    return sorted(path for path in old_flat.keys() | new_flat.keys() if old_flat.get(path) != new_flat.get(path))
+
+
+def is_safe_to_change(path: str) -> bool:
+    return any(path == safe or path.startswith(safe + ".") for safe in SAFE_TO_CHANGE)
+
+
+def config_fingerprint(config: StageConfig) -> str:
+    """sha256 of everything in the stage config (recorded in every checkpoint it writes)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

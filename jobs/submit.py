@@ -17,22 +17,24 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 60  # how long a submission waits for a freshly started head's job agent
 
 
-def run_arguments(recipe: str, stage: str | None, overrides: list[str]) -> list[str]:
-    """``run RECIPE [--stage NAME] [--set KEY=VALUE ...]``: the `llada` arguments of a job."""
+def run_arguments(recipe: str, stage: str | None, overrides: list[str], control: list[str] | None = None) -> list[str]:
+    """``run RECIPE [--stage NAME] [--set KEY=VALUE ...] [CONTROL ...]``: the `llada` arguments of a
+    job; ``control`` carries `llada run` flags such as --restart-stage NAME or --accept-changes."""
     argv = ["run", recipe, *(["--stage", stage] if stage else [])]
     for override in overrides:
         argv += ["--set", override]
-    return argv
+    return argv + list(control or [])
 
 
-def entrypoint(recipe: str, stage: str | None, overrides: list[str], python: str) -> str:
+def entrypoint(recipe: str, stage: str | None, overrides: list[str], python: str,
+               control: list[str] | None = None) -> str:
     """The job's command: this project's CLI under an explicit interpreter (plain `python` may
     resolve to another interpreter on the cluster)."""
-    return shlex.join([python, "-m", "llada", *run_arguments(recipe, stage, overrides)])
+    return shlex.join([python, "-m", "llada", *run_arguments(recipe, stage, overrides, control)])
 
 
 def submit_recipe(address: str, recipe: str, stage: str | None = None, overrides: list[str] | None = None,
-                  working_dir: str = ".", python: str = sys.executable) -> str:
+                  working_dir: str = ".", python: str = sys.executable, control: list[str] | None = None) -> str:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -40,7 +42,7 @@ def submit_recipe(address: str, recipe: str, stage: str | None = None, overrides
     while True:
         try:
             return client.submit_job(
-                entrypoint=entrypoint(recipe, stage, overrides or [], python),
+                entrypoint=entrypoint(recipe, stage, overrides or [], python, control),
                 runtime_env={"working_dir": working_dir, "excludes": WORKING_DIR_EXCLUDES},
                 entrypoint_num_cpus=0,  # the driver must not take a CPU the trainers need
                 metadata={"llada.recipe": recipe, "llada.stage": stage or "all"},

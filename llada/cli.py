@@ -132,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors that name a user's problem (unreachable storage, a bad data or eval file, a broken
     checkpoint): printed as one line, without a traceback."""
+    from jobs.checkpoints import ResumeError
+    from jobs.edits import StageChanged
     from jobs.evaluation.tasks import EvalError
+    from jobs.lease import LeaseHeld
     from llada_core.checkpoint import CheckpointError
     from pipelines.pack import PackError
     from pipelines.reader import DataError
@@ -140,19 +143,22 @@ def user_errors() -> tuple[type[Exception], ...]:
     from pipelines.storage import StorageError
     from pipelines.tokenizer import TokenizerError
 
-    return (StorageError, TokenizerError, SourceError, PackError, DataError, EvalError, CheckpointError)
+    return (StorageError, TokenizerError, SourceError, PackError, DataError, EvalError, CheckpointError, ResumeError,
+            StageChanged, LeaseHeld)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from llada.console import Console
 
     args = build_parser().parse_args(argv)
-    args.console = Console(verbose=getattr(args, "verbose", False))
+    args.console = Console(verbose=getattr(args, "verbose", False), user_errors=user_errors())
     try:
         return int(args.handler(args) or 0)
     except user_errors() as error:
+        if args.console.verbose:
+            raise
         args.console.error(f"llada {args.command}: {error}")
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

@@ -81,14 +81,19 @@ def log_location(run_uri: str, command: str) -> tuple[str, str | None]:
 
 
 @contextlib.contextmanager
-def ray_session(args: argparse.Namespace, run_uri: str) -> Iterator[Console]:
-    """The console with every other output routed to the run's log file, then Ray."""
+def ray_session(args: argparse.Namespace, run_uri: str, lease: bool = False) -> Iterator[Console]:
+    """The console with every other output routed to the run's log file, the run's driver lease
+    when ``lease`` (jobs/lease.py: before any work), then Ray."""
+    from jobs.lease import run_lease
     from pipelines import storage
 
     console: Console = args.console
     log_path, upload_uri = log_location(run_uri, args.command)
     try:
-        with console.routed(log_path):
+        with console.routed(log_path), contextlib.ExitStack() as held:
+            if lease:
+                held.enter_context(run_lease(run_uri, f"llada {args.command}", _s3(),
+                                             break_lease=args.break_lease, say=console.say))
             _start_ray(args)
             yield console
     finally:
@@ -107,25 +112,40 @@ def add_run_command(subparsers: Any) -> None:
     run = subparsers.add_parser("run", help="run a recipe's stages in order (skips finished stages, resumes)")
     _recipe_arguments(run)
     run.add_argument("--stage", help="run only this stage (the stages it starts from must be done)")
+    add_run_control_arguments(run)
     run.set_defaults(handler=run_run)
     train = subparsers.add_parser("train", help="train one stage of a recipe (same as run --stage NAME)")
     _recipe_arguments(train)
     train.add_argument("--stage", required=True, help="the stage to train")
+    add_run_control_arguments(train)
     train.set_defaults(handler=run_run)
+
+
+def add_run_control_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--restart-stage", action="append", default=[], metavar="NAME",
+                        help="train this stage again from its start (repeatable); its folder, and those of the "
+                             "stages that start from it, are archived, not deleted")
+    parser.add_argument("--accept-changes", action="store_true",
+                        help="resume stages whose recipe changed only in fields safe to change mid-stage "
+                             "(checkpoint_every, keep_last, log_every, CPU use, retries)")
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take the run from another driver's lease (only when that driver is known to be dead)")
+
+
+def run_control(args: argparse.Namespace) -> list[str]:
+    """The run-control flags as `llada run` arguments (for a submitted job)."""
+    flags = [arg for name in args.restart_stage for arg in ("--restart-stage", name)]
+    return flags + (["--accept-changes"] if args.accept_changes else []) + (["--break-lease"] if args.break_lease else [])
 
 
 def run_run(args: argparse.Namespace) -> int:
     from jobs.dag import run_recipe, run_status
-    from pipelines.storage import StorageError
 
     recipe = load(args)
     s3 = _s3()
-    with ray_session(args, recipe.run_uri) as console:
-        try:
-            run_recipe(recipe, s3, only_stage=args.stage, progress=console.say, on_step=console.step)
-        except (ValueError, StorageError) as error:
-            console.error(f"llada {args.command}: {error}")
-            return 1
+    with ray_session(args, recipe.run_uri, lease=True) as console:
+        run_recipe(recipe, s3, only_stage=args.stage, progress=console.say, on_step=console.step,
+                   restart_stages=args.restart_stage, accept_changes=args.accept_changes)
         console.say()
         console.say(status_table(run_status(recipe, s3)))
     return 0
@@ -165,7 +185,7 @@ def run_eval(args: argparse.Namespace) -> int:
     infos = ckpt.list_checkpoints(recipe.stage_uri(recipe.stage(args.stage).name), s3)
     if not infos:
         args.console.error(f"llada eval: stage {args.stage!r} has no complete checkpoint")
-        return 1
+        return 2
     with ray_session(args, recipe.run_uri) as console:
         for record in evaluate_checkpoints_ray(infos, eval_suite(recipe), corpus_uri(recipe), s3, progress=console.say):
             console.say(f"{record['checkpoint']['uri']}: average {record['average']:.4f}")
@@ -236,6 +256,7 @@ def add_submit_command(subparsers: Any) -> None:
     submit.add_argument("--working-dir", default=".", help="shipped as the job's runtime env (default: .)")
     submit.add_argument("--python", default=sys.executable,
                         help="interpreter on the cluster (default: this one; `python` may resolve elsewhere)")
+    add_run_control_arguments(submit)
     submit.set_defaults(handler=run_submit)
 
 
@@ -245,7 +266,7 @@ def run_submit(args: argparse.Namespace) -> int:
     load(argparse.Namespace(recipe=args.recipe, set=args.set))  # validate before shipping anything
     try:
         job_id = submit_recipe(args.address, args.recipe, stage=args.stage, overrides=args.set,
-                               working_dir=args.working_dir, python=args.python)
+                               working_dir=args.working_dir, python=args.python, control=run_control(args))
     except Exception as error:  # Ray's client raises plain exceptions for refused connections and auth
         print(f"llada submit: could not submit to {args.address}: {submission_problem(error)}", file=sys.stderr)
         return 1
@@ -261,6 +282,7 @@ def add_demo_command(subparsers: Any) -> None:
     demo = subparsers.add_parser("demo", help="the whole pipeline on the tiny model, locally, in minutes")
     _recipe_arguments(demo, recipe_optional=True)
     demo.add_argument("--output", help="storage folder (default: the recipe's, ./runs)")
+    add_run_control_arguments(demo)
     demo.set_defaults(handler=run_demo)
 
 
@@ -270,8 +292,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.output:
         args.set = [f"storage_uri={args.output}", *args.set]
     recipe = load(args, default=DEMO_RECIPE)
-    with ray_session(args, recipe.run_uri) as console:
-        run_demo_pipeline(recipe, _s3(), console)
+    with ray_session(args, recipe.run_uri, lease=True) as console:
+        run_demo_pipeline(recipe, _s3(), console, restart_stages=args.restart_stage,
+                          accept_changes=args.accept_changes)
     return 0
 
 

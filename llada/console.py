@@ -30,8 +30,10 @@ class Console:
     """The `llada` command's output: ``say`` (a platform line), ``error``, ``step`` (a training
     row: the stage's progress bar), and ``routed(log_path)`` for everything else."""
 
-    def __init__(self, verbose: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    def __init__(self, verbose: bool = False, out: TextIO | None = None, err: TextIO | None = None,
+                 user_errors: tuple[type[BaseException], ...] = ()) -> None:
         self.verbose = verbose
+        self.user_errors = user_errors  # raised on to the caller, who names them in one line
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.log_path: str | None = None
@@ -59,7 +61,11 @@ class Console:
     # ------------------------------------------------------------ training progress
 
     def step(self, row: dict[str, Any]) -> None:
-        """One optimizer step of a stage: ``{"stage", "step", "num_steps", "loss", "tokens_per_s"}``."""
+        """One optimizer step of a stage: ``{"stage", "step", "num_steps", "loss", "tokens_per_s"}``,
+        or a line a worker has to say: ``{"note": text}``."""
+        if "note" in row:
+            self._write(self.out, row["note"])
+            return
         if self._bar_stage != row["stage"]:
             self._finish_bar()
             self._start_bar(row)
@@ -118,6 +124,8 @@ class Console:
             self.say(f"logs: {log_path} (Ray, Ray Data and DeepSpeed output; --verbose shows it here)")
             try:
                 yield
+            except self.user_errors:
+                raise
             except Exception as error:
                 traceback.print_exc()
                 self.error(f"llada: {type(error).__name__}: {error}\n  (traceback in {log_path})")

@@ -98,11 +98,12 @@ def _eval_plot(rows: list[dict[str, Any]]) -> bytes:
     return _png(figure)
 
 
-def run_demo_pipeline(recipe: Recipe, s3: storage.S3Settings | None = None,
-                      console: Console | None = None) -> dict[str, Any]:
+def run_demo_pipeline(recipe: Recipe, s3: storage.S3Settings | None = None, console: Console | None = None,
+                      restart_stages: list[str] | None = None, accept_changes: bool = False) -> dict[str, Any]:
     console = console or Console()
     started = time.perf_counter()
-    run_recipe(recipe, s3, progress=console.say, on_step=console.step)
+    run_recipe(recipe, s3, progress=console.say, on_step=console.step, restart_stages=restart_stages,
+               accept_changes=accept_changes)
     rows = run_status(recipe, s3)
     final = rows[-1]["selected"]
     prompts = demo_prompts(recipe, s3=s3)

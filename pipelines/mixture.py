@@ -47,7 +47,7 @@ DEMO_STAGE_WEIGHTS: dict[str, dict[str, float]] = {
 class MixtureSpec(BaseModel):
     """Domain weights (any positive scale; normalised), token budget and seed of one stage."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     weights: dict[str, float] = Field(min_length=1)
     token_budget: int = Field(gt=0)

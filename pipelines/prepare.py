@@ -21,7 +21,7 @@ from pipelines import storage
 from pipelines.demo.corpus import PRETRAIN_DOMAINS, CorpusSpec, write_demo_corpus
 from pipelines.mixture import MixtureSpec, write_stage
 from pipelines.pack import PackConfig, run_pack_job
-from pipelines.sources import SourceSpec
+from pipelines.sources import SourceError, SourceSpec
 from pipelines.tokenizer import load_tokenizer, train_demo_tokenizer
 
 
@@ -29,7 +29,7 @@ class DataSpec(BaseModel):
     """The data of a run: either ``demo`` (built-in corpus) or your ``sources``, the tokenizer
     and sequence lengths. A recipe's ``data:`` block is one of these."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     demo: bool = True
     corpus: CorpusSpec = CorpusSpec()
@@ -93,6 +93,7 @@ def prepare(config: PrepareConfig, s3: storage.S3Settings | None = None,
         summary["packed"][kind] = run_pack_job(PackConfig(
             sources=kind_sources, tokenizer_uri=tokenizer_uri, output_uri=packed_uri, seq_len=seq_len,
             overwrite=config.overwrite), settings)
+        check_every_domain_has_documents(summary["packed"][kind], kind)
     for name, spec in config.stages.items():
         kinds = [k for k, m in summary["packed"].items() if set(spec.weights) <= set(m["domains"])]
         if not kinds:
@@ -101,6 +102,16 @@ def prepare(config: PrepareConfig, s3: storage.S3Settings | None = None,
         summary["stages"][name] = write_stage(storage.join(out, "packed", kinds[0]), spec,
                                               storage.join(out, "stages", name), s3=settings)
     return summary
+
+
+def check_every_domain_has_documents(manifest: dict[str, Any], kind: str) -> None:
+    """A source that yields nothing (empty files, every record malformed) is an error, not an
+    empty domain that a stage mixture silently lacks."""
+    for domain, totals in sorted(manifest["domains"].items()):
+        if totals["documents"] == 0:
+            where = totals.get("first_malformed") or totals.get("first_empty") or "no records at all"
+            raise SourceError(f"{kind} domain {domain!r}: its {totals['files']} file(s) yielded no usable document "
+                              f"({totals['malformed']} malformed, {totals['empty']} empty; first: {where})")
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ class SourceError(ValueError):
 class SourceSpec(BaseModel):
     """One input of a pack job: files (a URI, a folder or a glob) that all belong to one domain."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     uri: str
     domain: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -126,21 +126,20 @@ def read_documents(unit: dict[str, Any], s3: storage.S3Settings | None = None) -
         for row, value in enumerate(table.column(record_field).to_pylist()):
             _check_record(value, kind, f"{uri}: row {row}", documents)
         return documents
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise SourceError(f"{uri}: not UTF-8 text, the file looks corrupt ({error})") from error
     if unit["format"] == "text":
         if kind != "pretrain":
             raise SourceError(f"{uri}: SFT sources must be .jsonl or .parquet with a messages field")
-        paragraphs = text.split("\n\n")
-        for number, paragraph in enumerate(paragraphs):
-            _check_record(paragraph.strip("\n"), kind, f"{uri}: paragraph {number + 1}", documents)
+        for number, piece in enumerate(data.split(b"\n\n"), start=1):
+            where = f"{uri}: paragraph {number}"
+            paragraph = _decoded(piece, where, documents)
+            if paragraph is not None:
+                _check_record(paragraph.strip("\n"), kind, where, documents)
         return documents
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue  # blank lines separate nothing in JSON lines
+    for number, raw in enumerate(data.splitlines(), start=1):
         where = f"{uri}:{number}"
+        line = _decoded(raw, where, documents)  # one bad byte costs its line, not the file
+        if line is None or not line.strip():
+            continue  # blank lines separate nothing in JSON lines
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
@@ -151,3 +150,12 @@ def read_documents(unit: dict[str, Any], s3: storage.S3Settings | None = None) -
             continue
         _check_record(record[record_field], kind, where, documents)
     return documents
+
+
+def _decoded(raw: bytes, where: str, documents: FileDocuments) -> str | None:
+    """A line or paragraph as text, or None (counted as malformed) when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        documents.malformed.add(f"{where}: not UTF-8 (byte {error.start} of the line)")
+        return None

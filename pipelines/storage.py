@@ -16,6 +16,7 @@ import contextlib
 import fnmatch
 import functools
 import glob as globlib
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,10 @@ GLOB_CHARS = "*?["
 
 class StorageError(RuntimeError):
     """A storage operation failed in a way the user can act on (the message says how)."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write found the object in another state than required."""
 
 
 class S3Settings(BaseModel):
@@ -327,6 +332,72 @@ def remove_tree(uri: str, s3: S3Settings | None = None) -> None:
         _s3_call("delete", file_location, s3, "delete_object", Bucket=file_location.bucket, Key=file_location.key)
 
 
+def file_sizes(folder_uri: str, s3: S3Settings | None = None) -> dict[str, int]:
+    """Every file under a folder and its size in bytes, by path relative to the folder (one
+    listing; no file is read). Missing folder: empty."""
+    location = parse_uri(folder_uri)
+    if location.scheme == "file":
+        root = Path(location.path)
+        if not root.is_dir():
+            return {}
+        return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    prefix = location.key.rstrip("/") + "/"
+    sizes: dict[str, int] = {}
+    token: str | None = None
+    while True:
+        kwargs = {"Bucket": location.bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        page = _s3_call("list", location, s3, "list_objects_v2", **kwargs)
+        sizes.update({item["Key"][len(prefix):]: int(item["Size"]) for item in page.get("Contents", [])})
+        if not page.get("IsTruncated"):
+            return sizes
+        token = page["NextContinuationToken"]
+
+
+def copy_dir_to(local_dir: str, uri: str, s3: S3Settings | None = None) -> list[str]:
+    """Copy every file of a local folder to ``uri``, streaming from disk (multipart on S3), so a
+    multi-GB optimizer shard never sits in memory. A failure (no space, a lost connection)
+    raises StorageError naming the file; files already copied stay (their folder is incomplete
+    until its owner writes a completion record)."""
+    written = []
+    for path in sorted(Path(local_dir).rglob("*")):
+        if not path.is_file():
+            continue
+        target = join(uri, path.relative_to(local_dir).as_posix())
+        location = parse_uri(target)
+        if location.scheme == "file":
+            try:
+                Path(location.path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, location.path)
+            except OSError as error:
+                raise StorageError(f"cannot write {location.path}: {error}") from error
+        else:
+            _s3_call("write", location, s3, "upload_file", Filename=str(path), Bucket=location.bucket,
+                     Key=location.key)
+        written.append(target)
+    return written
+
+
+def move_tree(source_uri: str, target_uri: str, s3: S3Settings | None = None) -> None:
+    """Move a folder: a rename on a local disk; on S3 a server-side copy of each object, then
+    the delete of the source (no data passes through this process)."""
+    source, target = parse_uri(source_uri), parse_uri(target_uri)
+    if source.scheme != target.scheme:
+        raise StorageError(f"cannot move {source.uri} to {target.uri}: both must be on the same storage")
+    if source.scheme == "file":
+        try:
+            Path(target.path).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source.path, target.path)
+        except OSError as error:
+            raise StorageError(f"cannot move {source.path} to {target.path}: {error}") from error
+        return
+    for relative in file_sizes(source_uri, s3):
+        src, dst = parse_uri(join(source_uri, relative)), parse_uri(join(target_uri, relative))
+        # boto3's managed copy: multipart for objects over 5 GB (optimizer shards at 7B are)
+        _s3_call("copy", src, s3, "copy", Bucket=dst.bucket, Key=dst.key,
+                 CopySource={"Bucket": src.bucket, "Key": src.key})
+    remove_tree(source_uri, s3)
+
+
 def upload_dir(local_dir: str, uri: str, s3: S3Settings | None = None) -> list[str]:
     """Copy every file of a local folder to ``uri`` (one atomic write per file)."""
     written = []
@@ -348,7 +419,12 @@ def download_dir(uri: str, local_dir: str, s3: S3Settings | None = None) -> str:
         relative = parse_uri(file_uri).path[len(base.path):].lstrip("/") or os.path.basename(file_uri)
         target = Path(local_dir) / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(read_bytes(file_uri, s3))
+        location = parse_uri(file_uri)
+        if location.scheme == "s3":  # streamed to disk: checkpoint shards can be many GB
+            _s3_call("read", location, s3, "download_file", Bucket=location.bucket, Key=location.key,
+                     Filename=str(target))
+        else:
+            target.write_bytes(read_bytes(file_uri, s3))
     return local_dir
 
 
@@ -371,3 +447,71 @@ def local_copy(uri: str, s3: S3Settings | None = None, only: tuple[str, ...] | N
                 if exists(source, s3):
                     (Path(local) / name).write_bytes(read_bytes(source, s3))
         yield local
+
+
+# ---------------------------------------------------------------- conditional writes (leases)
+
+
+def read_with_etag(uri: str, s3: S3Settings | None = None) -> tuple[bytes, str]:
+    """The object's bytes and a version tag (the S3 ETag; a content hash for a local file)."""
+    location = parse_uri(uri)
+    if location.scheme == "file":
+        data = read_bytes(uri)
+        return data, hashlib.sha256(data).hexdigest()
+    response = _s3_call("read", location, s3, "get_object", Bucket=location.bucket, Key=location.key)
+    return response["Body"].read(), response["ETag"]
+
+
+def put_if_absent(uri: str, data: bytes, s3: S3Settings | None = None) -> str:
+    """Create the object only if it does not exist (S3 ``If-None-Match: *``) -> its ETag;
+    PreconditionFailed when it exists."""
+    location = parse_uri(uri)
+    if location.scheme == "file":
+        raise StorageError("put_if_absent is for S3; create local files exclusively with os.O_EXCL")
+    try:
+        response = _s3_client(s3 or S3Settings.from_env()).put_object(
+            Bucket=location.bucket, Key=location.key, Body=data, IfNoneMatch="*")
+    except Exception as error:
+        raise _conditional_error(error, "create", location, s3) from error
+    return response["ETag"]
+
+
+def put_if_match(uri: str, data: bytes, etag: str, s3: S3Settings | None = None) -> str:
+    """Replace the object only if its ETag is ``etag`` -> the new ETag; PreconditionFailed otherwise."""
+    location = parse_uri(uri)
+    try:
+        response = _s3_client(s3 or S3Settings.from_env()).put_object(
+            Bucket=location.bucket, Key=location.key, Body=data, IfMatch=etag)
+    except Exception as error:
+        raise _conditional_error(error, "replace", location, s3) from error
+    return response["ETag"]
+
+
+def remove_if_unchanged(uri: str, etag: str | None, s3: S3Settings | None = None) -> None:
+    """Delete the object if it is still the version ``etag`` names (S3 ``If-Match``; a local
+    file's content hash); a newer version stays."""
+    location = parse_uri(uri)
+    if location.scheme == "file":
+        try:
+            if etag is None or hashlib.sha256(Path(location.path).read_bytes()).hexdigest() == etag:
+                os.remove(location.path)
+        except FileNotFoundError:
+            pass
+        return
+    client = _s3_client(s3 or S3Settings.from_env())
+    try:
+        client.delete_object(Bucket=location.bucket, Key=location.key, **({"IfMatch": etag} if etag else {}))
+    except Exception as error:
+        failure = _conditional_error(error, "delete", location, s3)
+        if isinstance(failure, PreconditionFailed):
+            return
+        raise failure from error
+
+
+def _conditional_error(error: Exception, action: str, location: Location, s3: S3Settings | None) -> StorageError:
+    from botocore.exceptions import ClientError
+
+    if isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in (
+            "PreconditionFailed", "412", "ConditionalRequestConflict"):
+        return PreconditionFailed(f"{location.uri} changed: the conditional {action} did not apply")
+    return _s3_error(error, action, location, s3 or S3Settings.from_env())

@@ -7,13 +7,19 @@ The loop reads straight down (CONVENTIONS 4): each iteration first does the occa
 (checkpoint), then exactly one optimizer step; it runs once more after the last step so the final
 state is always saved. Everything resume needs (weights, optimizer, LR schedule, step, tokens
 seen, data cursor, metrics so far) is inside the checkpoint.
+
+The platform owns the checkpoints, not Ray: every rank writes its own DeepSpeed files into the
+checkpoint folder in storage, rank 0 writes the completion record last (with every file's size
+and the config fingerprint), and a starting worker (a rerun, or Ray restarting a failed worker
+group) resumes from the newest checkpoint that verifies and loads on every rank, falling back to
+older ones and saying why. Ray is only told metrics; its checkpoint bookkeeping holds nothing
+that rotation could make stale.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -30,7 +36,7 @@ import torch.distributed as dist
 from jobs import checkpoints as ckpt
 from jobs.training.expert_parallel import enable_expert_parallel, native_state_dict
 from jobs.training.metrics import StepMetrics, measured_matmul_flops, model_flops_per_token, write_training_plot
-from jobs.stage_config import StageConfig
+from jobs.stage_config import StageConfig, config_fingerprint
 from llada_core.checkpoint import load_model, save_model
 from llada_core.losses import (forward_process, maybe_truncate_length, pretrain_loss_from_hidden,
                                sft_loss_from_hidden, total_loss)
@@ -113,29 +119,71 @@ def build_model(config: StageConfig, s3: storage.S3Settings | None) -> LLaDAMoEM
     return model
 
 
-def restore(engine: Any, state: TrainState) -> TrainState:
-    """Load the latest checkpoint Ray Train hands this worker (after a crash or a rerun)."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return state
-    with checkpoint.as_directory() as folder:  # on S3 a temporary download: read inside the with
-        _, client_state = engine.load_checkpoint(os.path.join(folder, DEEPSPEED_TAG), tag=DEEPSPEED_TAG)
+def restore(engine: Any, config: StageConfig, s3: storage.S3Settings | None, note: Any = print) -> TrainState:
+    """The state to continue from: the newest complete checkpoint whose files verify and whose
+    DeepSpeed state loads on every rank; a fresh state when the stage has no checkpoint. Each
+    skipped checkpoint is reported through ``note`` with the reason."""
+    usable, skipped = ckpt.resume_candidates(config.output_uri, s3)
+    reasons = [f"step {info.step}: {why}" for info, why in skipped]
+    for info in usable:
+        loaded = _try_load(engine, info, s3)
+        if isinstance(loaded, dict):
+            if reasons:
+                note(f"[{config.name}] resuming from step {info.step}; not from newer checkpoint(s): {'; '.join(reasons)}")
+            return _state_from(loaded)
+        reasons.append(f"step {info.step}: {loaded}")
+    if reasons:
+        raise ckpt.ResumeError(f"stage {config.name}: no checkpoint can be resumed from ({'; '.join(reasons)}); "
+                               f"restart the stage (llada run --restart-stage {config.name}) to train it from its start")
+    return TrainState()
+
+
+def _try_load(engine: Any, info: ckpt.CheckpointInfo, s3: storage.S3Settings | None) -> dict[str, Any] | str:
+    """The checkpoint's client state when every rank loaded it, else why not (the ranks agree:
+    a checkpoint one rank cannot read is used by none)."""
+    problem = None
+    client_state = None
+    try:
+        with storage.local_copy(storage.join(info.uri, DEEPSPEED_TAG), s3, prefix="llada-resume-") as folder:
+            load_path, client_state = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
+        if load_path is None:
+            problem = "DeepSpeed found no state to load in it"
+    except Exception as error:  # a truncated or corrupt file: torch, pickle and zip raise many kinds
+        problem = f"its DeepSpeed state does not load ({type(error).__name__}: {str(error)[:200]})"
+    if not _all_ranks_agree(engine, problem is None):
+        return problem or "another rank could not load its part"
+    return client_state or {}
+
+
+def _all_ranks_agree(engine: Any, ok: bool) -> bool:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=engine.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _state_from(client_state: dict[str, Any]) -> TrainState:
     cursor = DataCursor.model_validate(client_state["cursor"]) if client_state.get("cursor") else None
     step = client_state["step"]
-    history = client_state.get("history", []) + [{"step": step, "resumed_from": step}]
+    history = [row for row in client_state.get("history", []) if row.get("step", 0) <= step]
     return TrainState(step=step, checkpointed_step=step, tokens_seen=client_state["tokens_seen"], cursor=cursor,
-                      history=history)
+                      history=history + [{"step": step, "resumed_from": step}])
 
 
-def maybe_inject_fault(config: StageConfig, step: int, rank: int, s3: storage.S3Settings | None) -> None:
+def maybe_inject_fault(config: StageConfig, step: int, rank: int, s3: storage.S3Settings | None,
+                       point: str = "before_step") -> None:
     fault = config.fault_injection
-    if fault is None or fault.step != step or fault.rank != rank:
+    if fault is None or fault.step != step or fault.rank != rank or fault.point != point:
         return
-    marker = storage.join(config.output_uri, f"_fault_injected_step_{step}")
+    marker = storage.join(config.output_uri, f"_fault_injected_{point}_{step}")
     if storage.exists(marker, s3):
         return  # once only: the restarted worker trains on
-    storage.write_json(marker, {"step": step, "rank": rank}, s3)
-    raise InjectedFault(f"fault injection: worker {rank} crashes before step {step}")
+    storage.write_json(marker, {"step": step, "rank": rank, "point": point}, s3)
+    if point == "checkpoint_upload":
+        raise storage.StorageError(f"cannot write {config.output_uri}: [Errno 28] No space left on device "
+                                   "(fault injection)")
+    raise InjectedFault(f"fault injection: worker {rank} crashes at step {step} ({point})")
 
 
 def trim_sft_batch(input_ids: torch.Tensor, maskable: torch.Tensor,
@@ -182,28 +230,48 @@ def train_step(engine: Any, batch: dict[str, np.ndarray], config: StageConfig, g
 
 def save_checkpoint(engine: Any, model: torch.nn.Module, config: StageConfig, state: TrainState,
                     s3: storage.S3Settings | None) -> None:
-    """Every rank saves its DeepSpeed state; rank 0 adds the HF export, config and metrics; Ray
-    merges the folders in storage; after a barrier rank 0 writes the completion record last."""
+    """Every rank stages its DeepSpeed files locally and copies them into the checkpoint folder
+    in storage; rank 0 adds the HF export, config and metrics; after a barrier rank 0 writes the
+    completion record last, then rotates. The staging folder is removed whatever happens."""
     rank = dist.get_rank()
-    folder = Path(tempfile.mkdtemp(prefix="llada-ckpt-"))
-    client_state = {"step": state.step, "tokens_seen": state.tokens_seen,
-                    "cursor": state.cursor.model_dump() if state.cursor else None, "history": state.history}
-    engine.save_checkpoint(str(folder / DEEPSPEED_TAG), tag=DEEPSPEED_TAG, client_state=client_state)
-    native_state = native_state_dict(model)  # a collective when experts are sharded
+    ref = ckpt.CheckpointRef.at(config.output_uri, state.step)
     last = state.history[-1] if state.history else {}
     metrics = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": last.get("loss")}
+    if rank == 0:  # a save of this step that crashed earlier left files: start from an empty folder
+        storage.remove_tree(ref.uri, s3)
+    dist.barrier()
+    folder = Path(tempfile.mkdtemp(prefix="llada-ckpt-"))
+    try:
+        client_state = {"step": state.step, "tokens_seen": state.tokens_seen,
+                        "cursor": state.cursor.model_dump() if state.cursor else None, "history": state.history}
+        engine.save_checkpoint(str(folder / DEEPSPEED_TAG), tag=DEEPSPEED_TAG, client_state=client_state)
+        native_state = native_state_dict(model)  # a collective when experts are sharded
+        if rank == 0:
+            export_hf(native_state, engine.module.config, config, folder / ckpt.HF_DIR, s3)
+            (folder / "stage_config.json").write_text(config.model_dump_json(indent=2))
+            (folder / "metrics.json").write_text(json.dumps(metrics))
+        _copy_into_storage(folder, ref, config, rank, s3)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier()  # every rank's files are in storage
+    ray.train.report(metrics)  # Ray hears the metrics only: the checkpoint is the platform's
     if rank == 0:
-        export_hf(native_state, engine.module.config, config, folder / ckpt.HF_DIR, s3)
-        (folder / "stage_config.json").write_text(config.model_dump_json(indent=2))
-        (folder / "metrics.json").write_text(json.dumps(metrics))
-    name = ckpt.checkpoint_name(state.step)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
-    dist.barrier()  # every rank's report (its upload) has returned
-    if rank == 0:
-        ckpt.write_completion_record(ckpt.CheckpointRef.at(config.output_uri, state.step), metrics, s3)
+        maybe_inject_fault(config, state.step, rank, s3, point="before_completion_record")
+        ckpt.write_completion_record(ref, metrics, s3, fingerprint=config_fingerprint(config))
         write_history(config.output_uri, state.history, s3)
         ckpt.rotate_checkpoints(config.output_uri, config.keep_last, s3)
-    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _copy_into_storage(folder: Path, ref: ckpt.CheckpointRef, config: StageConfig, rank: int,
+                       s3: storage.S3Settings | None) -> None:
+    """This rank's files into the checkpoint folder; a failed write names the checkpoint."""
+    try:
+        storage.copy_dir_to(str(folder), ref.uri, s3)
+        maybe_inject_fault(config, ref.step, rank, s3, point="checkpoint_upload")  # as if the last write failed
+    except storage.StorageError as error:
+        raise storage.StorageError(f"checkpoint step {ref.step} of stage {config.name} could not be saved "
+                                   f"({error}); its staging folder was removed and the incomplete checkpoint "
+                                   "is discarded when the stage resumes") from error
 
 
 def export_hf(native_state: dict[str, torch.Tensor], model_config: Any, config: StageConfig, folder: Path,
@@ -241,11 +309,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                       config=deepspeed_config(config))
-    state = restore(engine, TrainState())
+    progress = loop_config.get("progress") if rank == 0 else None
+    state = restore(engine, config, s3, note=lambda line: _note(progress, line) if rank == 0 else None)
     cursor = state.cursor or DataCursor(world_size=world, batch_size=config.micro_batch_size, seed=config.seed)
     meter = StepMetrics(model_flops_per_token(engine.module.config), measured_matmul_flops(), world)
     batches = _batch_stream(ray.train.get_dataset_shard("train"), cursor, world, config)
-    progress = loop_config.get("progress") if rank == 0 else None
     while True:
         due = state.step % config.checkpoint_every == 0 or state.step == config.num_steps
         if state.step > state.checkpointed_step and due:
@@ -293,6 +361,14 @@ def _optimizer_step(engine: Any, batches: Any, config: StageConfig, state: Train
         else:
             print(meter.progress_line(row, config.num_steps, config.name), flush=True)
     return state
+
+
+def _note(progress: Any, line: str) -> None:
+    """A line for the driver's console (through the progress queue when there is one)."""
+    if progress is not None:
+        report_progress(progress, {"note": line})
+    else:
+        print(line, flush=True)
 
 
 def report_progress(queue: Any, row: dict[str, Any]) -> None:

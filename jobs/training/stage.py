@@ -1,8 +1,9 @@
 """Driver side of a stage: size the workers, build the Ray Train ``TorchTrainer``, run it.
 
 The same call runs on a laptop (local Ray, local folder) and on a cluster (S3 storage, GPUs).
-Rerunning a stage with the same ``output_uri`` resumes from its latest checkpoint: Ray Train
-restores a run with the same name and storage path.
+Rerunning a stage with the same ``output_uri`` resumes from its newest checkpoint that verifies
+(jobs/checkpoints.py, jobs/training/loop.py restore): the platform picks it, not Ray. Ray Train's
+own run folder (``ray-train/`` beside ``checkpoints/``) holds no checkpoint.
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ def worker_resources(config: StageConfig, cluster: dict[str, float]) -> dict[str
 
 
 StepCallback = Callable[[dict[str, Any]], None]
+# Ray Train's run folder inside the stage folder: Ray keeps its state there, the platform keeps
+# checkpoints in checkpoints/ (workers report metrics only, so Ray's state lists no checkpoint).
+RAY_RUN_DIR = "ray-train"
 
 
 def build_trainer(config: StageConfig, resources: dict[str, float], s3: storage.S3Settings | None = None,
                   progress_queue: Any = None) -> Any:
     """The stage's ``TorchTrainer`` with ``resources`` per worker (Ray must be up); rank 0 puts
     a row per optimizer step into ``progress_queue`` (a ray.util.queue.Queue) when given."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.training.loop import train_loop_per_worker
@@ -72,9 +76,8 @@ def build_trainer(config: StageConfig, resources: dict[str, float], s3: storage.
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=ckpt.CHECKPOINTS_DIR, storage_path=root, storage_filesystem=filesystem,
+            name=RAY_RUN_DIR, storage_path=root, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),  # rotation is ours: it spares selections
         ),
         datasets={"train": dataset},
         dataset_config=DataConfig(execution_options=ingest_execution_options()),
@@ -91,6 +94,7 @@ def run_stage(config: StageConfig, s3: storage.S3Settings | None = None,
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
+    prepare_resume(config, s3, on_step or (lambda row: print(row["note"], flush=True)))
     with scale_up.scaled_up(config.scaling, scale_up.timeout_from_env()) as cluster:
         with progress_relay(on_step) as queue:
             build_trainer(config, worker_resources(config, cluster), s3, queue).fit()
@@ -100,6 +104,24 @@ def run_stage(config: StageConfig, s3: storage.S3Settings | None = None,
         history_uri=storage.join(config.output_uri, "metrics.jsonl"),
         plot_uri=storage.join(config.output_uri, "training.png"),
     )
+
+
+def prepare_resume(config: StageConfig, s3: storage.S3Settings | None, note: StepCallback) -> None:
+    """Before the workers start: discard checkpoints whose save never finished (never
+    half-used; the stage writes them again), name the complete ones whose files do not verify,
+    and fail here when the stage has checkpoints but none to resume from."""
+    for ref in ckpt.incomplete_checkpoints(config.output_uri, s3):
+        note({"note": f"[{config.name}] discarding checkpoint step {ref.step}: it has no completion record "
+                      "(its save was interrupted)"})
+        storage.remove_tree(ref.uri, s3)
+    usable, skipped = ckpt.resume_candidates(config.output_uri, s3)
+    for info, why in skipped:
+        note({"note": f"[{config.name}] checkpoint step {info.step} cannot be resumed from: {why}"})
+    if skipped and not usable:
+        raise ckpt.ResumeError(f"stage {config.name}: no checkpoint can be resumed from (see above); restart the "
+                               f"stage (llada run --restart-stage {config.name}) to train it from its start")
+    if usable:
+        note({"note": f"[{config.name}] resuming from step {usable[0].step}"})
 
 
 @contextlib.contextmanager

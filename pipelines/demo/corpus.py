@@ -34,7 +34,7 @@ class CorpusSpec(BaseModel):
     """Size and seed of the demo corpus. The defaults give roughly 0.6 M pretraining tokens with
     the demo tokenizer: enough for the tiny preset to show learning within a few CPU minutes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     seed: int = 0
     num_text_docs: int = Field(4000, ge=1)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from jobs.dag import run_recipe, run_status
+from jobs.edits import StageChanged
 from llada.recipe import Recipe
 from jobs.training.stage import read_history
 from pipelines import storage
@@ -78,3 +79,27 @@ def test_dag_hands_off_selects_resumes_and_skips(ray_cluster, tmp_path):
     outcomes = run_recipe(recipe, progress=lambda line: None)  # everything finished: all skipped
     assert [o.status for o in outcomes] == ["skipped"] * 3
     assert time.perf_counter() - started < 60
+
+    # A recipe edit after the fact is named and refused, before any work ...
+    raw = recipe.model_dump(mode="json")
+    raw["stages"][2]["optimizer"]["lr"] = 1e-4
+    raw["stages"][2]["fault_injection"] = None  # the restarted stage trains through
+    edited = Recipe.model_validate(raw)
+    with pytest.raises(StageChanged, match=r"stage 'sft' .*optimizer.lr: 0.003 -> 0.0001.*--restart-stage sft"):
+        run_recipe(edited, progress=lambda line: None, accept_changes=True)  # an lr is not safe to accept
+    raw["stages"][2]["optimizer"]["lr"], raw["stages"][2]["keep_last"] = recipe.stages[2].optimizer.lr, 5
+    raw["stages"][2]["fault_injection"] = recipe.model_dump(mode="json")["stages"][2]["fault_injection"]
+    cadence = Recipe.model_validate(raw)
+    with pytest.raises(StageChanged, match="keep_last.*--accept-changes"):
+        run_recipe(cadence, progress=lambda line: None)
+    outcomes = run_recipe(cadence, progress=lambda line: None, accept_changes=True)
+    assert [o.status for o in outcomes] == ["skipped"] * 3
+    # ... and a restart archives the stage's folder and trains it again from its start.
+    lines: list[str] = []
+    outcomes = run_recipe(edited, progress=lines.append, restart_stages=["sft"])
+    assert [(o.name, o.status) for o in outcomes] == [("pretrain1", "skipped"), ("anneal1", "skipped"), ("sft", "trained")]
+    [archived] = [line for line in lines if "earlier attempt is archived" in line]
+    archive = archived.rsplit(" at ", 1)[1]
+    assert storage.exists(storage.join(archive, "done.json"))  # the old attempt, kept
+    sft_config = storage.read_json(storage.join(run_status(edited)[2]["selected"]["uri"], "stage_config.json"))
+    assert sft_config["optimizer"]["lr"] == 1e-4

@@ -96,19 +96,40 @@ def test_malformed_and_empty_records_are_counted_with_first_location(prepared, t
 
 def test_corrupt_input_files_are_named(prepared, tmp_path) -> None:
     (tmp_path / "good.jsonl").write_text('{"text": "alice has 3 pens."}\n')
-    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage\x9c")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
     config = PackConfig(sources=[SourceSpec(uri=str(tmp_path / "*.*"), domain="web")],
                         tokenizer_uri=f"{prepared['root']}/tokenizer", output_uri=str(tmp_path / "out"))
     with pytest.raises(PackError) as error:
         run_pack_job(config)
     message = str(error.value)
-    assert f"{tmp_path}/binary.jsonl: not UTF-8 text" in message
     assert f"{tmp_path}/broken.parquet: not a readable parquet file" in message
     assert "good.jsonl" not in message
     assert not (tmp_path / "out" / "manifest.json").exists()
     with pytest.raises(Exception, match="no files match"):
         run_pack_job(config.model_copy(update={"sources": [SourceSpec(uri=str(tmp_path / "*.csv"), domain="x")]}))
+
+
+def test_a_byte_that_is_not_utf8_costs_its_line_not_the_file(prepared, tmp_path) -> None:
+    (tmp_path / "mixed.jsonl").write_bytes(b'{"text": "alice has 3 pens."}\n{"text": "bad \xff\xfe byte"}\n'
+                                           b'{"text": "bob has 2 cups."}\n')
+    config = PackConfig(sources=[SourceSpec(uri=str(tmp_path / "mixed.jsonl"), domain="web")],
+                        tokenizer_uri=f"{prepared['root']}/tokenizer", output_uri=str(tmp_path / "out"))
+    totals = run_pack_job(config)["domains"]["web"]
+    assert (totals["documents"], totals["malformed"]) == (2, 1)
+    assert totals["first_malformed"] == f"{tmp_path}/mixed.jsonl:2: not UTF-8 (byte 14 of the line)"
+
+
+def test_a_source_that_yields_nothing_fails_data_preparation(prepared, tmp_path) -> None:
+    from pipelines.prepare import PrepareConfig, prepare
+    from pipelines.sources import SourceError
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "junk.jsonl").write_text('{"body": "no text field"}\nnot json\n')
+    config = PrepareConfig(output_uri=str(tmp_path / "out"), demo=False, tokenizer_uri=f"{prepared['root']}/tokenizer",
+                           sources=[SourceSpec(uri=str(tmp_path / "*.jsonl"), domain="web")])
+    with pytest.raises(SourceError, match=r"pretrain domain 'web': its 2 file\(s\) yielded no usable document "
+                                          r"\(2 malformed, 0 empty; first: .*junk.jsonl:1: no 'text' field\)"):
+        prepare(config, progress=lambda line: None)
 
 
 def read_split(stage_uri: str, cursors: list[DataCursor] | None = None, stop_after: int | None = None) -> list:

@@ -62,7 +62,7 @@ def test_a_crash_on_one_rank_resumes_exactly_on_s3_storage(baseline, stage_data,
     output = s3_server.bucket("train") + "/run/pretrain1"
     s3 = s3_server.settings
     run_stage(stage_config(stage_data, output, fault_injection={"step": 6, "rank": 1}), s3=s3)
-    assert storage.exists(storage.join(output, "_fault_injected_step_6"), s3)  # the crash happened
+    assert storage.exists(storage.join(output, "_fault_injected_before_step_6"), s3)  # the crash happened
     history = read_history(output, s3)
     assert [row["resumed_from"] for row in history if "resumed_from" in row] == [4]
     resumed, uninterrupted = losses(history), losses(baseline["history"])

@@ -203,3 +203,47 @@ def test_serve_without_a_serve_block_uses_the_shipped_config_for_the_recipes_har
     assert main(["serve", str(path), "--checkpoint", "/ckpt/hf", "--print-config"]) == 0
     document = yaml.safe_load(capsys.readouterr().out)
     assert document["applications"][0]["args"]["config"]["sampling"]["max_tokens"] == 64  # laptop.yaml
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("stages", 0, "micro_batch_size"), "16", "Input should be a valid integer"),
+    (("stages", 0, "micro_batch_size"), True, "Input should be a valid integer"),
+    (("scaling", "num_workers"), 1.0, "Input should be a valid integer"),
+    (("data", "seq_len"), "128", "Input should be a valid integer"),
+])
+def test_the_schema_is_strict_about_types(path, value, message):
+    raw = tiny_raw()
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ValueError, match=message):
+        Recipe.model_validate(raw)
+
+
+def test_no_stage_trains_rows_longer_than_the_models_context():
+    raw = tiny_raw()
+    for stage in raw["stages"]:
+        stage["num_steps"] = 50  # not derived from the budget, which longer rows would shrink
+    raw["data"]["seq_len"] = 2048  # the tiny preset's context is 1024; anneal 2 raises it to 2048
+    with pytest.raises(ValueError, match=r"stages.0 \(pretrain1\): trains rows of 2048 tokens \(data.seq_len\) but the "
+                                         r"model's context is 1024"):
+        Recipe.model_validate(raw)
+    raw["data"]["seq_len"], raw["data"]["sft_seq_len"] = 128, 2048
+    recipe = Recipe.model_validate(raw)  # sft starts from anneal 2, whose context is 2048
+    assert recipe.context_of("sft") == 2048 and recipe.context_of("anneal1") == 1024
+
+
+def test_a_second_driver_is_refused_before_any_work_naming_the_holder(capsys, tmp_path):
+    from jobs.lease import acquire, release
+
+    path = next(p for p in RECIPES if p.name == "tiny-cpu.yaml")
+    holder = acquire(str(tmp_path / "tiny-cpu"), "llada run (the first driver)")
+    try:
+        assert main(["run", str(path), "--set", f"storage_uri={tmp_path}"]) == 2
+        error = capsys.readouterr().err
+        assert "is being run by another driver" in error and "llada run (the first driver)" in error
+        assert "--break-lease" in error and "Traceback" not in error
+        assert not (tmp_path / "tiny-cpu" / "data").exists()  # nothing was prepared
+    finally:
+        release(holder)
