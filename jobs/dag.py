@@ -33,11 +33,12 @@ class StageOutcome:
 
 
 def prepare_data(recipe: RunRecipe, s3: storage.S3Settings | None, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Corpus, tokenizer, packed shards and one mixture per stage (reused when already there)."""
+    """Corpus, tokenizer, packed shards per (kind, seq_len) and one plan per stage (reused when already there)."""
     from pipelines.prepare import PrepareConfig, prepare
 
     config = PrepareConfig(**dict(recipe.data), output_uri=recipe.data_uri(),
-                           stages={stage.name: stage.mixture for stage in recipe.stages})
+                           stages={stage.name: stage.mixture for stage in recipe.stages},
+                           stage_seq_lens={stage.name: stage.seq_len for stage in recipe.stages if stage.seq_len})
     return prepare(config, s3, progress=progress)
 
 

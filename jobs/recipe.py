@@ -47,6 +47,7 @@ class RecipeStage(Strict):
     schedule: ScheduleSpec = ScheduleSpec()
     rope_theta: float | None = Field(None, gt=0)
     max_position_embeddings: int | None = Field(None, ge=8)
+    seq_len: int | None = Field(None, ge=8)  # rows this stage trains on; default data.seq_len (sft_seq_len for SFT)
     max_seq_len: int | None = Field(None, ge=8)
     variable_length_prob: float = Field(0.01, ge=0, le=1)
     init_from: str | None = None  # an earlier stage: this one starts from the checkpoint it selected
@@ -110,15 +111,22 @@ class RunRecipe(Strict):
         """No stage trains rows longer than the model's context (the exported config would claim
         less context than the model was trained on, or RoPE would meet unseen positions)."""
         for index, stage in enumerate(self.stages):
-            seq_len = self.data.sft_seq_len if stage.kind == "sft" else self.data.seq_len
+            seq_len = self.seq_len_of(stage.name)
             if stage.max_seq_len is not None:
                 seq_len = min(seq_len, stage.max_seq_len)
             context = self.context_of(stage.name)
             if seq_len > context:
-                field = "data.sft_seq_len" if stage.kind == "sft" else "data.seq_len"
+                field = f"stages.{index}.seq_len" if stage.seq_len else (
+                    "data.sft_seq_len" if stage.kind == "sft" else "data.seq_len")
                 raise ValueError(f"stages.{index} ({stage.name}): trains rows of {seq_len} tokens ({field}) but the "
                                  f"model's context is {context} (max_position_embeddings); raise the stage's "
                                  f"max_position_embeddings or shorten the rows")
+
+    def seq_len_of(self, name: str) -> int:
+        """The length of the rows a stage trains on: its own ``seq_len``, else the data's default
+        for its kind."""
+        stage = self.stage(name)
+        return stage.seq_len or (self.data.sft_seq_len if stage.kind == "sft" else self.data.seq_len)
 
     def context_of(self, name: str) -> int:
         """The context a stage trains with: its own max_position_embeddings, else that of the
@@ -168,7 +176,7 @@ class RunRecipe(Strict):
                      init_from: str | None = None) -> StageConfig:
         stage = self.stage(name)
         scaling = stage.scaling or self.scaling
-        seq_len = self.data.sft_seq_len if stage.kind == "sft" else self.data.seq_len
+        seq_len = self.seq_len_of(name)
         tokens_per_step = stage.micro_batch_size * stage.grad_accumulation_steps * scaling.num_workers * seq_len
         num_steps = stage.num_steps or max(1, stage.mixture.token_budget // tokens_per_step)
         return StageConfig(

@@ -86,7 +86,7 @@ class StageConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     kind: Literal["pretrain", "anneal", "sft"]
     model: ModelSpec
-    data_uri: str  # a stage's data, as written by pipelines.mixture.write_stage
+    data_uri: str  # a stage's data: the folder of its plan (pipelines.prepare.write_stage_plan)
     output_uri: str  # this stage's folder: checkpoints, metrics, plots, records
     tokenizer_uri: str | None = None  # copied into every HF export
     init_from: str | None = None  # an HF-layout checkpoint to start from (fresh optimizer)
@@ -103,7 +103,6 @@ class StageConfig(Strict):
     checkpoint_every: int = Field(ge=1)
     keep_last: int = Field(3, ge=1)
     log_every: int = Field(1, ge=1)
-    shuffle_buffer_rows: int = Field(0, ge=0)
     seed: int = 0
     fault_injection: FaultInjection | None = None
 

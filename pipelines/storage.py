@@ -238,6 +238,30 @@ def write_bytes(uri: str, data: bytes, s3: S3Settings | None = None) -> None:
         raise StorageError(f"cannot write {target}: {error}") from error
 
 
+def read_range(uri: str, start: int, end: int, s3: S3Settings | None = None) -> bytes:
+    """Bytes [start, end) of a file (fewer at its end; empty past it)."""
+    location = parse_uri(uri)
+    if end <= start:
+        return b""
+    if location.scheme == "file":
+        try:
+            with open(location.path, "rb") as handle:
+                handle.seek(start)
+                return handle.read(end - start)
+        except OSError as error:
+            raise StorageError(f"cannot read {location.path}: {error}") from error
+    try:
+        response = _s3_client(s3 or S3Settings.from_env()).get_object(
+            Bucket=location.bucket, Key=location.key, Range=f"bytes={start}-{end - 1}")
+    except Exception as error:
+        from botocore.exceptions import ClientError
+
+        if isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") == "InvalidRange":
+            return b""
+        raise _s3_error(error, "read", location, s3 or S3Settings.from_env()) from error
+    return response["Body"].read()
+
+
 def read_text(uri: str, s3: S3Settings | None = None) -> str:
     return read_bytes(uri, s3).decode("utf-8")
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import deepspeed
 import numpy as np
@@ -42,7 +42,7 @@ from llada_core.losses import (forward_process, maybe_truncate_length, pretrain_
                                sft_loss_from_hidden, total_loss)
 from llada_core.model import LLaDAMoEModelLM
 from pipelines import storage
-from pipelines.reader import DataCursor, iterate_batches
+from pipelines.reader import DataCursor, iterate_batches, load_plan, worker_dataset
 
 DEEPSPEED_TAG = "deepspeed"
 
@@ -311,9 +311,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                       config=deepspeed_config(config))
     progress = loop_config.get("progress") if rank == 0 else None
     state = restore(engine, config, s3, note=lambda line: _note(progress, line) if rank == 0 else None)
-    cursor = state.cursor or DataCursor(world_size=world, batch_size=config.micro_batch_size, seed=config.seed)
+    cursor = state.cursor or DataCursor(world_size=world, batch_size=config.micro_batch_size)
     meter = StepMetrics(model_flops_per_token(engine.module.config), measured_matmul_flops(), world)
-    batches = _batch_stream(ray.train.get_dataset_shard("train"), cursor, world, config)
+    batches = _batch_stream(cursor, rank, world, config, state, s3)
     while True:
         due = state.step % config.checkpoint_every == 0 or state.step == config.num_steps
         if state.step > state.checkpointed_step and due:
@@ -327,18 +327,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         write_training_plot(config.output_uri, state.history, s3)
 
 
-def _batch_stream(shard: Any, cursor: DataCursor, world: int, config: StageConfig):
-    """Batches for ever: the stage's data epoch after epoch, each resumable from its cursor."""
-    while True:
-        produced = False
-        for batch, position in iterate_batches(shard, cursor, world, config.micro_batch_size, config.shuffle_buffer_rows):
-            produced = True
-            yield batch, position
-        if not produced and cursor.batches_consumed == 0:
-            raise RuntimeError(
-                f"{config.data_uri}: not one batch of {config.micro_batch_size} rows per worker "
-                f"({world} workers); give the stage more data or a smaller micro_batch_size")
-        cursor = cursor.next_epoch()
+def _batch_stream(cursor: DataCursor, rank: int, world: int, config: StageConfig, state: TrainState,
+                  s3: storage.S3Settings | None) -> Iterator[tuple[dict[str, np.ndarray], DataCursor]]:
+    """This worker's batches from its cursor to the end of the stage (pipelines/reader.py):
+    the rows it still needs, streamed by Ray Data from the packed shards."""
+    plan = load_plan(config.data_uri, s3)
+    rows = (config.num_steps - state.step) * config.grad_accumulation_steps * config.micro_batch_size
+    dataset = worker_dataset(plan, rank, world, cursor, rows, s3)
+    return iterate_batches(dataset, cursor, world, config.micro_batch_size, rows)
 
 
 def _optimizer_step(engine: Any, batches: Any, config: StageConfig, state: TrainState, meter: StepMetrics,

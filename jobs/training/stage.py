@@ -17,7 +17,7 @@ from jobs import checkpoints as ckpt
 from jobs.training import scale_up
 from jobs.stage_config import StageConfig
 from pipelines import storage
-from pipelines.reader import DataError, ingest_execution_options, stage_dataset, train_worker_resources
+from pipelines.reader import DataError, load_plan, train_worker_resources
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,12 @@ def build_trainer(config: StageConfig, resources: dict[str, float], s3: storage.
                   progress_queue: Any = None) -> Any:
     """The stage's ``TorchTrainer`` with ``resources`` per worker (Ray must be up); rank 0 puts
     a row per optimizer step into ``progress_queue`` (a ray.util.queue.Queue) when given."""
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.training.loop import train_loop_per_worker
 
-    dataset = stage_dataset(config.data_uri, s3)
+    load_plan(config.data_uri, s3)  # a stage without prepared data fails here, before any worker starts
     filesystem, root = storage.filesystem(config.output_uri, s3)
     if not storage.is_remote(config.output_uri):
         filesystem = None  # a plain path lets Ray Train use its local storage path directly
@@ -79,9 +79,7 @@ def build_trainer(config: StageConfig, resources: dict[str, float], s3: storage.
             name=RAY_RUN_DIR, storage_path=root, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
         ),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(execution_options=ingest_execution_options()),
-    )
+    )  # no datasets: each worker streams its own part of the stage (pipelines/reader.py)
 
 
 def run_stage(config: StageConfig, s3: storage.S3Settings | None = None,

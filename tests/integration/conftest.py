@@ -24,10 +24,12 @@ def stage_data(tmp_path_factory, ray_cluster) -> dict:
     summary = prepare(PrepareConfig(
         output_uri=str(root), corpus=corpus, vocab_size=1024, seq_len=64, sft_seq_len=64,
         stages={"pretrain": MixtureSpec(weights={"text": 0.6, "math": 0.2, "code": 0.2}, token_budget=64 * 256),
+                "long": MixtureSpec(weights={"anneal": 1.0}, token_budget=128 * 64),
                 "sft": MixtureSpec(weights={"chat": 1.0}, token_budget=64 * 128)},
+        stage_seq_lens={"long": 128},  # an anneal-2-like stage at twice the length
     ), progress=lambda line: None)
     return {"root": str(root), "tokenizer_uri": summary["tokenizer_uri"],
-            "pretrain_uri": f"{root}/stages/pretrain", "sft_uri": f"{root}/stages/sft"}
+            "pretrain_uri": f"{root}/stages/pretrain", "long_uri": f"{root}/stages/long", "sft_uri": f"{root}/stages/sft"}
 
 
 def stage_config(data: dict, output_uri: str, **overrides) -> StageConfig:

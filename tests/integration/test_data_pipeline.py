@@ -1,13 +1,13 @@
-"""Corpus -> tokenizer -> Ray Data pack -> manifest -> stage mixture -> reader batches, on the
-session's local Ray cluster, locally and on the S3 server; bad input is reported, corrupt files
-are named, the cursor resumes exactly, S3 down gives the clear error."""
+"""Corpus -> tokenizer -> Ray Data pack -> manifest and shard index -> stage plan -> workers'
+Ray Data streams, on the session's local Ray cluster, locally and on the S3 server; bad input is
+reported, corrupt files are named, a resume equals an uninterrupted run batch for batch, large
+inputs are split, S3 down gives the clear error."""
 
 from __future__ import annotations
 
 import io
 import json
 import shutil
-import threading
 
 import numpy as np
 import pyarrow as pa
@@ -16,10 +16,10 @@ import pytest
 
 from pipelines import storage
 from pipelines.demo.corpus import CorpusSpec
-from pipelines.mixture import DEMO_STAGE_WEIGHTS, MixtureSpec, write_stage
-from pipelines.pack import PackConfig, PackError, run_pack_job
+from pipelines.mixture import DEMO_STAGE_WEIGHTS, MixtureSpec
+from pipelines.pack import PackConfig, PackError, load_shard_index, run_pack_job
 from pipelines.prepare import PrepareConfig, demo_sources, prepare
-from pipelines.reader import DataCursor, DataError, iterate_batches, load_stage, stage_dataset
+from pipelines.reader import DataCursor, DataError, iterate_batches, load_plan, worker_dataset
 from pipelines.sources import SourceSpec
 from pipelines.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -33,7 +33,8 @@ def prepared(ray_cluster, tmp_path_factory) -> dict:
     root = str(tmp_path_factory.mktemp("data"))
     config = PrepareConfig(output_uri=root, corpus=SPEC, seq_len=64, sft_seq_len=128,
                            stages={"pretrain1": MixtureSpec(weights=DEMO_STAGE_WEIGHTS["pretrain1"],
-                                                            token_budget=64 * 600, seed=1)})
+                                                            token_budget=64 * 600, seed=1),
+                                   "sft": MixtureSpec(weights=DEMO_STAGE_WEIGHTS["sft"], token_budget=128 * 100)})
     return {"root": root, "summary": prepare(config, progress=lambda message: None), "config": config}
 
 
@@ -42,13 +43,18 @@ def read_shard(root: str, path: str) -> pa.Table:
 
 
 def test_manifest_matches_shards_and_rerun_reuses(prepared) -> None:
-    root, manifest = prepared["root"], prepared["summary"]["packed"]["pretrain"]
-    assert set(manifest["domains"]) == {"text", "math", "code", "anneal"}
+    root, manifest = prepared["root"], prepared["summary"]["packed"]["pretrain-64"]
+    assert set(manifest["domains"]) == {"text", "math", "code"}  # only what a stage reads at 64 tokens
     assert manifest["domains"]["text"]["documents"] == SPEC.num_text_docs
     tokenizer = load_tokenizer(f"{root}/tokenizer")
     assert manifest["tokenizer"]["hash"] == tokenizer_hash(tokenizer) and manifest["tokenizer"]["eos"] == 0
+    index = load_shard_index(f"{root}/packed/pretrain-64")
     for domain, totals in manifest["domains"].items():
-        tables = [read_shard(f"{root}/packed/pretrain", s["path"]) for s in manifest["shards"] if s["domain"] == domain]
+        tables = [read_shard(f"{root}/packed/pretrain-64", path) for path in index[domain].paths]
+        assert [t.num_rows for t in tables] == index[domain].rows.tolist()
+        for path, rows in zip(index[domain].paths, index[domain].rows):  # row groups a reader can fetch alone
+            metadata = pq.ParquetFile(f"{root}/packed/pretrain-64/{path}").metadata
+            assert metadata.num_row_groups == -(-int(rows) // 256) and metadata.row_group(0).num_rows <= 256
         rows = sum(t.num_rows for t in tables)
         assert rows == totals["sequences"] and totals["files"] == 2
         assert sum(t.column("num_tokens").to_numpy().sum() for t in tables) == totals["tokens"]
@@ -57,23 +63,26 @@ def test_manifest_matches_shards_and_rerun_reuses(prepared) -> None:
         # One EOS after every document, plus the EOS padding of each file's last row.
         assert int((ids == 0).sum()) == totals["documents"] + totals["pad_tokens"]
     first_doc = json.loads(open(f"{root}/corpus/pretrain/text/part-00000.jsonl").readline())["text"]
-    first_row = read_shard(f"{root}/packed/pretrain", "shards/text/00000-000.parquet").column("input_ids")[0].as_py()
+    first_row = read_shard(f"{root}/packed/pretrain-64", "shards/text/00000-000.parquet").column("input_ids")[0].as_py()
     assert first_doc.startswith(tokenizer.decode(first_row).split("<|endoftext|>")[0])
     again = prepare(prepared["config"], progress=lambda message: None)
-    assert again["packed"]["pretrain"]["reused"] and again["stages"]["pretrain1"]["reused"]
+    assert again["packed"]["pretrain-64"]["reused"] and again["stages"]["pretrain1"]["reused"]
 
 
-def test_sft_rows_carry_prompt_length(prepared) -> None:
-    root, manifest = prepared["root"], prepared["summary"]["packed"]["sft"]
+def test_sft_rows_are_dialogs_with_their_answer_spans(prepared) -> None:
+    root, manifest = prepared["root"], prepared["summary"]["packed"]["sft-128"]
     tokenizer = load_tokenizer(f"{root}/tokenizer")
-    table = read_shard(f"{root}/packed/sft", manifest["shards"][0]["path"])
-    assert table.column_names == ["input_ids", "num_tokens", "domain", "prompt_length"]
-    for row in table.slice(0, 20).to_pylist():
-        prompt, response = row["input_ids"][: row["prompt_length"]], row["input_ids"][row["prompt_length"]:]
-        assert tokenizer.decode(prompt).endswith("<role>ASSISTANT</role>")
-        real = response[: row["num_tokens"] - row["prompt_length"]]
-        assert real[-2:] == [4, 0] and set(response[len(real):]) <= {0}  # <|role_end|>, EOS, EOS padding
-    assert manifest["domains"]["chat"]["sequences"] > SPEC.num_sft_chats  # multi-turn chats give several rows
+    table = read_shard(f"{root}/packed/sft-128", load_shard_index(f"{root}/packed/sft-128")["chat"].paths[0])
+    assert table.column_names == ["input_ids", "num_tokens", "turn_starts", "turn_ends", "domain"]
+    multi_turn = 0
+    for row in table.to_pylist():
+        ids = row["input_ids"]
+        assert len(ids) == row["turn_ends"][-1] and row["num_tokens"] == len(ids) + 1  # room for one EOS
+        for start, end in zip(row["turn_starts"], row["turn_ends"]):
+            assert tokenizer.decode(ids[:start]).endswith("<role>ASSISTANT</role>") and ids[end - 1] == 4  # <|role_end|>
+        multi_turn += len(row["turn_ends"]) > 1
+    assert multi_turn > 0  # follow-up questions: one row per dialog, each turn a possible target
+    assert manifest["domains"]["chat"]["sequences"] == SPEC.num_sft_chats
 
 
 def test_malformed_and_empty_records_are_counted_with_first_location(prepared, tmp_path) -> None:
@@ -132,67 +141,71 @@ def test_a_source_that_yields_nothing_fails_data_preparation(prepared, tmp_path)
         prepare(config, progress=lambda line: None)
 
 
-def read_split(stage_uri: str, cursors: list[DataCursor] | None = None, stop_after: int | None = None) -> list:
-    """Consume the stage like 2 Train workers (streaming_split, ordered) from threads."""
-    iterators = stage_dataset(stage_uri).streaming_split(2, equal=True)
-    seen: list[list] = [[], []]
-
-    def consume(rank: int) -> None:
-        cursor = cursors[rank] if cursors else DataCursor(world_size=2, batch_size=8, seed=3)
-        for batch, after in iterate_batches(iterators[rank], cursor, world_size=2, batch_size=8,
-                                            shuffle_buffer_rows=64):
-            assert batch["input_ids"].shape == (8, 64) and batch["input_ids"].dtype == np.int64
-            seen[rank].append((batch["sample_index"].tolist(), after))
-            if stop_after and len(seen[rank]) == stop_after:
-                break
-
-    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return seen
+def read_worker(stage_uri: str, rank: int, world: int, cursor: DataCursor, rows: int, s3=None) -> list:
+    """The batches worker ``rank`` of ``world`` trains on, as the Train loop reads them."""
+    plan = load_plan(stage_uri, s3)
+    dataset = worker_dataset(plan, rank, world, cursor, rows, s3)
+    return [(batch["position"].tolist(), after) for batch, after in iterate_batches(dataset, cursor, world, 8, rows)]
 
 
-def test_stage_mixture_and_exact_resume(prepared) -> None:
+def test_workers_read_the_stage_order_in_batches_and_a_resume_equals_the_uninterrupted_run(prepared) -> None:
     stage = prepared["summary"]["stages"]["pretrain1"]
-    assert stage["num_sequences"] == 600
-    assert stage["domain_sequences"] == {"text": 360, "math": 120, "code": 120}
+    assert stage["num_sequences"] == 600 and stage["composition"] == {"code": 819, "math": 819, "text": 2458}
     stage_uri = f"{prepared['root']}/stages/pretrain1"
-    full = read_split(stage_uri)
-    indices = [i for rank in full for batch, _ in rank for i in batch]
-    assert len(indices) == len(set(indices)) == 592  # 600 rows, drop_last over 2 x 8
-    head = read_split(stage_uri, stop_after=10)
-    resumed = read_split(stage_uri, cursors=[head[rank][-1][1] for rank in range(2)])
-    # Three separate runs of the pipeline: the head plus the resumed tail is exactly the full run
-    # (so each worker's order also repeats from run to run).
-    for rank in range(2):
+    start = [DataCursor(world_size=2, batch_size=8) for _ in range(2)]
+    full = [read_worker(stage_uri, rank, 2, start[rank], 80) for rank in range(2)]
+    assert [len(batches) for batches in full] == [10, 10]
+    positions = [p for rank in full for batch, _ in rank for p in batch]
+    assert len(positions) == len(set(positions)) == 160  # no row twice
+    assert positions[:80] == list(range(80)) and positions[80:] == list(range(4096, 4176))  # units 0 and 1
+    head = [read_worker(stage_uri, rank, 2, start[rank], 24) for rank in range(2)]
+    resumed = [read_worker(stage_uri, rank, 2, head[rank][-1][1], 56) for rank in range(2)]
+    for rank in range(2):  # separate pipelines: the head plus the resumed tail is the whole run
         assert [b for b, _ in head[rank]] + [b for b, _ in resumed[rank]] == [b for b, _ in full[rank]]
-    assert resumed[0][0][1].batches_consumed == 11
+    assert resumed[0][0][1].rows_consumed == 32
+    one = read_worker(stage_uri, 0, 1, DataCursor(world_size=1, batch_size=8), 80)
+    assert [p for batch, _ in one for p in batch] == list(range(80))  # one worker: the same order
 
 
-def test_corrupt_stage_shard_is_named(prepared, tmp_path) -> None:
-    copy = tmp_path / "stage"
-    shutil.copytree(f"{prepared['root']}/stages/pretrain1", copy)
-    (copy / "shards" / "00000.parquet").write_bytes(b"truncated")
-    with pytest.raises(DataError, match=f"stage shard {copy}/shards/00000.parquet is corrupt or unreadable"):
-        stage_dataset(str(copy))
+def test_a_corrupt_packed_shard_is_named_when_read(prepared, tmp_path) -> None:
+    copy = tmp_path / "data"
+    shutil.copytree(prepared["root"], copy)
+    plan = json.loads((copy / "stages" / "pretrain1" / "stage.json").read_text())
+    plan["packed_uri"] = str(copy / "packed" / "pretrain-64")
+    (copy / "stages" / "pretrain1" / "stage.json").write_text(json.dumps(plan))
+    for path in (copy / "packed" / "pretrain-64" / "shards").rglob("*.parquet"):
+        path.write_bytes(b"truncated")
+    with pytest.raises(Exception, match=r"packed shard .*pretrain-64/shards/.* is corrupt or unreadable"):
+        read_worker(str(copy / "stages" / "pretrain1"), 0, 1, DataCursor(world_size=1, batch_size=8), 8)
     with pytest.raises(DataError, match="no stage.json"):
-        load_stage(str(tmp_path / "nowhere"))
+        load_plan(str(tmp_path / "nowhere"))
+
+
+def test_a_large_input_is_read_by_several_tasks_with_the_same_documents(prepared, tmp_path) -> None:
+    source = f"{prepared['root']}/corpus/pretrain/text/part-00000.jsonl"
+    whole = run_pack_job(PackConfig(sources=[SourceSpec(uri=source, domain="text")], output_uri=str(tmp_path / "whole"),
+                                    tokenizer_uri=f"{prepared['root']}/tokenizer", seq_len=64))
+    split = run_pack_job(PackConfig(sources=[SourceSpec(uri=source, domain="text")], output_uri=str(tmp_path / "split"),
+                                    tokenizer_uri=f"{prepared['root']}/tokenizer", seq_len=64, split_bytes=3000))
+    whole_totals, split_totals = whole["domains"]["text"], split["domains"]["text"]
+    assert split_totals["inputs"] > 3 and split_totals["files"] == whole_totals["files"] == 1
+    assert split_totals["documents"] == whole_totals["documents"]  # every line once, none cut
+    assert split_totals["tokens"] - whole_totals["tokens"] == 0
 
 
 def test_s3_end_to_end(prepared, s3_server) -> None:
     bucket = s3_server.bucket()
     config = PrepareConfig(output_uri=f"{bucket}/data", corpus=SPEC.model_copy(update={"num_sft_chats": 20}),
                            seq_len=64, stages={"pretrain2": MixtureSpec(weights=DEMO_STAGE_WEIGHTS["pretrain2"],
-                                                                        token_budget=64 * 200)})
+                                                                        token_budget=64 * 200)},
+                           stage_seq_lens={"pretrain2": 32})
     summary = prepare(config, progress=lambda message: None)
-    assert summary["packed"]["pretrain"]["domains"]["math"]["documents"] == SPEC.num_math_docs
-    assert storage.exists(f"{bucket}/data/packed/pretrain/manifest.json")
-    assert summary["stages"]["pretrain2"]["domain_sequences"] == {"text": 60, "math": 70, "code": 70}
-    dataset = stage_dataset(f"{bucket}/data/stages/pretrain2")  # Ray Data reads through pyarrow's S3
-    batch = next(iter(dataset.iter_batches(batch_size=16, batch_format="numpy")))
-    assert len(batch["input_ids"]) == 16 and dataset.count() == 200
+    assert summary["packed"]["pretrain-32"]["domains"]["math"]["documents"] == SPEC.num_math_docs
+    assert storage.exists(f"{bucket}/data/packed/pretrain-32/shards.parquet")
+    assert summary["stages"]["pretrain2"]["seq_len"] == 32
+    batches = read_worker(f"{bucket}/data/stages/pretrain2", 0, 1, DataCursor(world_size=1, batch_size=8), 16,
+                          s3_server.settings)
+    assert [b for b, _ in batches] == [list(range(8)), list(range(8, 16))]
     assert sorted(demo_sources(f"{bucket}/data/corpus")[0].uri.split("/")[-3:]) == ["*.jsonl", "pretrain", "text"]
 
 
@@ -202,7 +215,7 @@ def test_s3_down_gives_a_clear_error(prepared, s3_unreachable) -> None:
     with pytest.raises(storage.StorageError, match=f"cannot reach S3 at {s3_unreachable} .*Check AWS_ENDPOINT_URL"):
         run_pack_job(config)
     with pytest.raises(storage.StorageError, match="cannot reach S3"):
-        stage_dataset("s3://bucket/stages/pretrain1")
+        load_plan("s3://bucket/stages/pretrain1")
 
 
 def test_cli_prepare_prints_summary(ray_cluster, tmp_path, capsys) -> None:
@@ -212,7 +225,4 @@ def test_cli_prepare_prints_summary(ray_cluster, tmp_path, capsys) -> None:
     assert main(["data", "prepare", "--output", output, "--corpus-scale", "0.02", "--seq-len", "64",
                  "--stage", "pretrain1=6400"]) == 0
     printed = capsys.readouterr().out
-    assert "[pack] pretrain" in printed and "stage pretrain1: 100 sequences" in printed
-    assert [line.split()[0] for line in printed.splitlines() if line.endswith("written")] == \
-        ["anneal", "code", "math", "text", "chat"]
-    assert io.StringIO(printed).read().count("tokenizer:") == 1
+    assert "[pack] pretrain at 64 tokens" in printed and "stage pretrain1: 100 sequences of 64 tokens" in printed

@@ -75,11 +75,13 @@ def test_a_crash_on_one_rank_resumes_exactly_on_s3_storage(baseline, stage_data,
 def test_anneal_raises_rope_and_context_then_sft_trains(baseline, stage_data, tmp_path):
     start = baseline["result"].checkpoints[-1].hf_uri
     anneal = stage_config(stage_data, str(tmp_path / "anneal2"), name="anneal2", kind="anneal", init_from=start,
-                          rope_theta=50_000.0, max_position_embeddings=2048, num_steps=2, checkpoint_every=2,
-                          schedule={"kind": "constant"}, scaling={"num_workers": 1})
+                          data_uri=stage_data["long_uri"], rope_theta=50_000.0, max_position_embeddings=2048,
+                          num_steps=2, checkpoint_every=2, schedule={"kind": "constant"}, scaling={"num_workers": 1})
     exported = run_stage(anneal).checkpoints[-1].hf_uri
     config = load_config(exported)
     assert (config.rope_theta, config.max_position_embeddings) == (50_000.0, 2048)
+    rows = [row for row in read_history(str(tmp_path / "anneal2")) if "loss" in row]  # twice pretraining's length
+    assert [row["tokens"] for row in rows] == [4 * 128, 4 * 128] and baseline["history"][-1]["tokens"] == 2 * 4 * 64
     sft = stage_config(stage_data, str(tmp_path / "sft"), name="sft", kind="sft", data_uri=stage_data["sft_uri"],
                        init_from=exported, num_steps=3, checkpoint_every=3, max_seq_len=48, schedule={"kind": "constant"},
                        scaling={"num_workers": 1})
