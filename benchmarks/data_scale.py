@@ -1,6 +1,6 @@
 """Data at the paper's scale: planning, resuming and reading a stage without copying it.
 
-    .venv/bin/python benchmarks/data_scale.py            # ~2 minutes on 2 cores
+    .venv/bin/python benchmarks/data_scale.py            # ~45 s on 2 cores
 
 1. Planning (pipelines.mixture.plan_stage after loading the packed set's shard index) for stages
    of 1e6, 1e8 and 2.4e9 rows (pretrain 1 of jobs/recipes/llada-moe-7b-a1b.yaml: 10T tokens at
