@@ -3,8 +3,9 @@ workflow engine (Ray Workflows is gone). Each stage trains (Ray Train), every ch
 scored (eval suite, Ray tasks), the selection rule picks one, and the next stage starts from its
 weights with a fresh optimizer and schedule.
 
-Records per stage, in ``stages/{name}/``: ``selection.json`` (the decision and every score) and
-``done.json`` (written last, with the stage's fingerprint). A rerun of the same recipe skips
+Records per stage, in ``stages/{name}/``: ``selection.json`` (the decision and every score),
+``averages/`` (the weight averages ``select: average_top_k`` made, jobs/evaluation/averaging.py)
+and ``done.json`` (written last, with the stage's fingerprint). A rerun of the same recipe skips
 stages whose done record matches; a stage without one resumes from its latest checkpoint.
 """
 
@@ -17,7 +18,7 @@ from typing import Any, Callable
 from jobs import checkpoints as ckpt
 from jobs.evaluation.tasks import EvalSuiteConfig
 from jobs.edits import archive_stage, check_changes, restart_closure, stored_stage_config
-from jobs.recipe import RunRecipe
+from jobs.recipe import DEFAULT_AVERAGE_K, RunRecipe
 from jobs.stage_config import StageConfig
 from pipelines import storage
 
@@ -55,10 +56,9 @@ def corpus_uri(recipe: RunRecipe) -> str:
 def check_eval_sources(recipe: RunRecipe, s3: storage.S3Settings | None) -> None:
     """Before any work: every eval file the suite reads exists (``demo:`` sets are written by
     the data step, so only your own files are checked). ValueError names each missing one."""
-    from jobs.evaluation.tasks import DEMO_PREFIX
+    from jobs.evaluation.tasks import missing_paths
 
-    missing = [f"{task.name}: {task.source}" for task in eval_suite(recipe).tasks
-               if not task.source.startswith(DEMO_PREFIX) and not storage.exists(task.source, s3)]
+    missing = [f"{task.name}: {path}" for task in eval_suite(recipe).tasks for path in missing_paths(task, s3)]
     if missing:
         raise ValueError(f"eval.tasks: {len(missing)} source(s) do not exist: {'; '.join(missing)}")
 
@@ -103,7 +103,7 @@ def score_and_select(recipe: RunRecipe, name: str, s3: storage.S3Settings | None
                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score every complete checkpoint of the stage, apply its rule, write selection.json."""
     from jobs.evaluation.runner import evaluate_checkpoints_ray
-    from jobs.evaluation.selection import select_checkpoint, selection_record
+    from jobs.evaluation.selection import AVERAGE_RULE, select_checkpoint, selection_record
 
     checkpoints = ckpt.list_checkpoints(recipe.stage_uri(name), s3)
     if not checkpoints:
@@ -114,11 +114,36 @@ def score_and_select(recipe: RunRecipe, name: str, s3: storage.S3Settings | None
         # --stage NAME` scores the others on demand.
         checkpoints = checkpoints[-1:]
     relay = None if progress is None else (lambda line: progress(f"[{name}] {line}"))
-    records = evaluate_checkpoints_ray(checkpoints, eval_suite(recipe), corpus_uri(recipe), s3, progress=relay)
-    decision = select_checkpoint(records, recipe.stage(name).select)
-    record = selection_record(decision)
+    suite = eval_suite(recipe)
+    records = evaluate_checkpoints_ray(checkpoints, suite, corpus_uri(recipe), s3, progress=relay)
+    stage = recipe.stage(name)
+    if stage.select == AVERAGE_RULE:
+        record = _select_by_averaging(recipe, name, records, s3, relay)
+    else:
+        record = selection_record(select_checkpoint(records, stage.select))
     storage.write_json(storage.join(recipe.stage_uri(name), ckpt.SELECTION_RECORD), record, s3)
     return record
+
+
+def _select_by_averaging(recipe: RunRecipe, name: str, records: list[dict[str, Any]], s3: storage.S3Settings | None,
+                         progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """``average_top_k``: average the best k checkpoints' weights, score the average with the
+    same suite, and keep it only when it scores at least the best single checkpoint."""
+    from jobs.evaluation.averaging import write_average
+    from jobs.evaluation.runner import evaluate_checkpoints_ray
+    from jobs.evaluation.selection import averaging_selection_record, select_checkpoint, top_k
+
+    k = recipe.stage(name).average_k or DEFAULT_AVERAGE_K
+    single = select_checkpoint(records, "best_eval_average")
+    members = top_k(records, k)
+    if len(members) < 2:
+        return averaging_selection_record(single, None, members, k)
+    if progress:
+        progress(f"averaging the weights of steps {[ref.step for ref in members]}")
+    average = write_average(recipe.stage_uri(name), members, s3)
+    [average_record] = evaluate_checkpoints_ray([average], eval_suite(recipe), corpus_uri(recipe), s3,
+                                                progress=progress)
+    return averaging_selection_record(single, average_record, members, k)
 
 
 def stage_config_for(recipe: RunRecipe, name: str, tokenizer_uri: str, s3: storage.S3Settings | None) -> StageConfig:

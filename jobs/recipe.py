@@ -22,14 +22,15 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from jobs.evaluation.tasks import DEMO_PREFIX, EvalSuiteConfig
+from jobs.evaluation.tasks import EvalSuiteConfig
 from jobs.stage_config import (FaultInjection, ModelSpec, OptimizerSpec, ScalingSpec, ScheduleSpec, StageConfig, Strict,
                                absolute_uri)
 from pipelines import storage
 from pipelines.mixture import MixtureSpec
 from pipelines.prepare import DataSpec
 
-SelectionRule = Literal["best_eval_average", "last"]
+SelectionRule = Literal["best_eval_average", "last", "average_top_k"]
+DEFAULT_AVERAGE_K = 3  # select: average_top_k without average_k
 # ``eval: demo`` (the built-in suite over the demo corpus) or a suite; one branch is chosen by the
 # value, so an error names the suite's own field path (eval.suite.tasks.0...).
 EvalBlock = Annotated[Union[Annotated[Literal["demo"], Tag("demo")], Annotated[EvalSuiteConfig, Tag("suite")]],
@@ -52,6 +53,8 @@ class RecipeStage(Strict):
     variable_length_prob: float = Field(0.01, ge=0, le=1)
     init_from: str | None = None  # an earlier stage: this one starts from the checkpoint it selected
     select: SelectionRule = "best_eval_average"  # how this stage's own checkpoint is chosen
+    # select: average_top_k averages the weights of this many best checkpoints (DEFAULT_AVERAGE_K)
+    average_k: int | None = Field(None, ge=2)
     checkpoint_every: int = Field(ge=1)
     keep_last: int = Field(3, ge=1)
     scaling: ScalingSpec | None = None  # default: the recipe's
@@ -64,6 +67,12 @@ class RecipeStage(Strict):
             raise ValueError("init_from: name the earlier stage (e.g. `init_from: pretrain1`); how that stage's "
                              "checkpoint is chosen is now that stage's own `select:` (was init_from.rule)")
         return values
+
+    @model_validator(mode="after")
+    def _check_average_k(self) -> "RecipeStage":
+        if self.average_k is not None and self.select != "average_top_k":
+            raise ValueError(f"average_k: only used by select: average_top_k (this stage selects by {self.select})")
+        return self
 
 
 class RunRecipe(Strict):
@@ -147,7 +156,7 @@ class RunRecipe(Strict):
             raise ValueError("eval: the demo suite scores checkpoints on the demo corpus's held-out sets, but "
                              "data.demo is false, so there is no demo corpus; give an eval suite whose tasks "
                              "read your own sources (eval: {tasks: [...]})")
-        demo_tasks = [task.name for task in self.eval.tasks if task.source.startswith(DEMO_PREFIX)]
+        demo_tasks = [task.name for task in self.eval.tasks if task.demo_paths()]
         if demo_tasks:
             raise ValueError(f"eval.tasks: {demo_tasks} read demo: sources, but data.demo is false, so there is "
                              "no demo corpus; point them at your own eval files")
@@ -196,7 +205,9 @@ class RunRecipe(Strict):
         changed one on rerun)."""
         stage = self.stage(name)
         upstream = [self.fingerprint(stage.init_from)] if stage.init_from else []
-        identity = {"stage": stage.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
+        # average_k only counts where it is used, so stages fingerprinted before it existed still match.
+        unused = {"average_k"} if stage.select != "average_top_k" else set()
+        identity = {"stage": stage.model_dump(mode="json", exclude=unused), "model": self.model.model_dump(mode="json"),
                     "data": self.data.model_dump(mode="json"), "scaling": self.scaling.model_dump(mode="json"),
                     "seed": self.seed, "upstream": upstream}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

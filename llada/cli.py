@@ -150,6 +150,11 @@ def user_errors() -> tuple[type[Exception], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     from llada.console import Console
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own arguments
+        from llada.commands import run_lm_eval
+
+        return run_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     args.console = Console(verbose=getattr(args, "verbose", False), user_errors=user_errors())
     try:

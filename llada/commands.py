@@ -58,15 +58,18 @@ def load(args: argparse.Namespace, default: Path | None = None) -> Any:
         raise SystemExit(2) from None
 
 
-def _start_ray(args: argparse.Namespace) -> None:
+def _start_ray(args: argparse.Namespace) -> bool:
+    """Connect to (or start) Ray unless it is up; returns whether this call did."""
     import ray
 
-    if not ray.is_initialized():
-        address = args.ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
-        import ray.data
+    if ray.is_initialized():
+        return False
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    import ray.data
 
-        ray.data.DataContext.get_current().enable_progress_bars = bool(args.verbose and sys.stdout.isatty())
+    ray.data.DataContext.get_current().enable_progress_bars = bool(args.verbose and sys.stdout.isatty())
+    return True
 
 
 def log_location(run_uri: str, command: str) -> tuple[str, str | None]:
@@ -94,7 +97,12 @@ def ray_session(args: argparse.Namespace, run_uri: str, lease: bool = False) -> 
             if lease:
                 held.enter_context(run_lease(run_uri, f"llada {args.command}", _s3(),
                                              break_lease=args.break_lease, say=console.say))
-            _start_ray(args)
+            if _start_ray(args):
+                import ray
+
+                # Disconnect while output is still routed: workers' last lines (a library's progress
+                # bar flushed at exit) would otherwise reach the terminal after the command's end.
+                held.callback(ray.shutdown)
             yield console
     finally:
         if upload_uri is not None and os.path.exists(log_path):
@@ -169,26 +177,85 @@ def run_status_command(args: argparse.Namespace) -> int:
 
 
 def add_eval_command(subparsers: Any) -> None:
-    evaluate = subparsers.add_parser("eval", help="score checkpoints with the recipe's eval suite")
+    evaluate = subparsers.add_parser(
+        "eval", help="score checkpoints with the recipe's eval suite (or ad hoc lm-eval tasks)",
+        description="Scores every complete checkpoint of a stage and prints each task's score and the average. "
+                    "With --lm-eval-tasks the named lm-evaluation-harness tasks run instead of the suite, and "
+                    "nothing is recorded (the recipe suite's scores, which select checkpoints, stay as they are).")
     _recipe_arguments(evaluate)
     evaluate.add_argument("--stage", required=True, help="score every complete checkpoint of this stage")
+    evaluate.add_argument("--lm-eval-tasks", metavar="TASK[=METRIC]", nargs="+",
+                          help="lm-eval tasks to run ad hoc, e.g. arc_easy=acc_norm gsm8k=exact_match,flexible-extract "
+                               "(metric: the first the task reports when left out)")
+    evaluate.add_argument("--include-path", help="a folder of lm-eval task YAMLs for --lm-eval-tasks (path or s3://)")
+    evaluate.add_argument("--limit", type=int, help="items per --lm-eval-tasks task (all when left out)")
     evaluate.set_defaults(handler=run_eval)
+
+
+def ad_hoc_suite(entries: list[str], include_path: str | None, limit: int | None) -> Any:
+    """The EvalSuiteConfig of ``--lm-eval-tasks TASK[=METRIC] ...`` (ValueError naming a bad entry)."""
+    from pydantic import ValidationError
+
+    from jobs.evaluation.tasks import EvalSuiteConfig
+    from llada_core.options import describe_error
+
+    tasks = []
+    for entry in filter(None, (part.strip() for part in entries)):
+        task, _, metric = entry.partition("=")
+        tasks.append({"name": task.replace("/", "_"), "kind": "lm_eval", "task": task, "metric": metric or None,
+                      "include_path": include_path, "max_items": limit})
+    try:
+        return EvalSuiteConfig.model_validate({"tasks": tasks})
+    except ValidationError as error:
+        raise ValueError(f"--lm-eval-tasks: {describe_error(error)}") from None
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from jobs import checkpoints as ckpt
     from jobs.dag import corpus_uri, eval_suite
     from jobs.evaluation.runner import evaluate_checkpoints_ray
+    from llada.console import scores_table
 
     recipe = load(args)
     s3 = _s3()
+    suite, record = eval_suite(recipe), True
+    if args.lm_eval_tasks:
+        try:
+            suite, record = ad_hoc_suite(args.lm_eval_tasks, args.include_path, args.limit), False
+        except ValueError as error:
+            args.console.error(f"llada eval: {error}")
+            return 2
     infos = ckpt.list_checkpoints(recipe.stage_uri(recipe.stage(args.stage).name), s3)
     if not infos:
         args.console.error(f"llada eval: stage {args.stage!r} has no complete checkpoint")
         return 2
     with ray_session(args, recipe.run_uri) as console:
-        for record in evaluate_checkpoints_ray(infos, eval_suite(recipe), corpus_uri(recipe), s3, progress=console.say):
-            console.say(f"{record['checkpoint']['uri']}: average {record['average']:.4f}")
+        records = evaluate_checkpoints_ray(infos, suite, corpus_uri(recipe), s3, progress=console.say, record=record)
+        console.say(scores_table(records))
+    return 0
+
+
+def add_lm_eval_command(subparsers: Any) -> None:
+    subparsers.add_parser(
+        "lm-eval", add_help=False,
+        help="lm-evaluation-harness's own command line with the `llada` model registered "
+             "(llada lm-eval --model llada --model_args pretrained=DIR --tasks T)")
+
+
+def run_lm_eval(argv: list[str]) -> int:
+    """``llada lm-eval ARGS`` = ``lm_eval ARGS`` after registering our model (lm-eval finds no
+    third-party model by itself: jobs/evaluation/lm_eval_model.py)."""
+    import jobs.evaluation.lm_eval_model  # noqa: F401  (registers "llada")
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm_eval", *argv]
+    try:
+        cli_evaluate()
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if isinstance(exit_.code, int) or exit_.code is None else 1
+    finally:
+        sys.argv = saved
     return 0
 
 
@@ -298,8 +365,8 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (add_run_command, add_status_command, add_eval_command, add_generate_command, add_submit_command,
-            add_demo_command)
+COMMANDS = (add_run_command, add_status_command, add_eval_command, add_lm_eval_command, add_generate_command,
+            add_submit_command, add_demo_command)
 
 
 def add_serve_command(subparsers: Any) -> None:

@@ -156,3 +156,22 @@ def status_table(rows: list[dict[str, Any]]) -> str:
         selected = f"step {row['selected']['step']}" if row["selected"] else "-"
         lines.append(f"{row['stage']:<12} {row['state']:<12} {scored:<52} {selected} ({row['selection_rule']})")
     return "\n".join(lines)
+
+
+def scores_table(records: list[dict[str, Any]]) -> str:
+    """Score records (jobs/evaluation/runner.py) as a table: one row per checkpoint, a column of
+    normalised scores per task, then the average."""
+    if not records:
+        return "no score records"
+    tasks = list(dict.fromkeys(name for record in records for name in record["tasks"]))
+    width = max(10, *(len(name) for name in tasks))
+    header = f"{'checkpoint':<12}" + "".join(f" {name:>{width}}" for name in tasks) + f" {'average':>{width}}"
+    lines = [header]
+    for record in records:
+        step = (record.get("checkpoint") or {}).get("step", "-")
+        cells = "".join(f" {record['tasks'][name]['score']:>{width}.4f}" if name in record["tasks"]
+                        else f" {'-':>{width}}" for name in tasks)
+        lines.append(f"{'step ' + str(step):<12}{cells} {record['average']:>{width}.4f}")
+    metrics = ", ".join(f"{name}: {records[0]['tasks'][name]['metric']}" for name in tasks if name in records[0]["tasks"])
+    lines.append(f"(scores in [0, 1], higher is better; metrics: {metrics})")
+    return "\n".join(lines)

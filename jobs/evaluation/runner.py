@@ -19,6 +19,7 @@ recomputed, so a rerun of a run evaluates only checkpoints it has not scored yet
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -31,10 +32,13 @@ from jobs.evaluation.tasks import (
     SCORERS,
     EvalError,
     EvalSuiteConfig,
+    LmEvalTask,
     average_score,
     load_items,
+    resolve_demo_path,
     resolve_source,
     task_seed,
+    task_sources,
 )
 from llada_core import load_model
 from pipelines import storage
@@ -45,7 +49,8 @@ RECORD_FORMAT = "llada-eval-scores/2"
 # Bump when the scoring of a task kind changes: old records then stop matching and are recomputed.
 SCORING_VERSION = 2
 NORMALISATION = ("generation: exact match; choice: accuracy; elbo: 2 ** -bits_per_token "
-                 "(geometric-mean per-token probability bound); average: unweighted mean of task scores")
+                 "(geometric-mean per-token probability bound); lm_eval: the named metric when a fraction, "
+                 "1 / perplexity, 2 ** -bits_per_byte; average: unweighted mean of task scores")
 
 Progress = Callable[[str], None]
 
@@ -63,7 +68,9 @@ def demo_eval_suite(corpus_uri: str | None = None) -> EvalSuiteConfig:
     question about a passage whose scene fact never occurs in training (exact match; guessing
     the place scores 1/8); pretraining checkpoints score 0 there, SFT teaches it. Multiple choice
     on arithmetic (learnt late) and on word order (learnt early), and held-out text (the
-    smoothest signal) follow every stage. Exact-match generation of arithmetic, counting and
+    smoothest signal) follow every stage. ``lm_eval_counting`` is the same kind of question run
+    through lm-evaluation-harness (the demo corpus's local task YAML, ``eval/lm_eval/``): a
+    counting story's four possible endings, the right one by likelihood. Exact-match generation of arithmetic, counting and
     raw-prompt reading is in the corpus (``gen_arithmetic``, ``gen_counting``, ``gen_reading``
     prompts) but not in this suite: the tiny model scores 0 on them within the demo's budget (seen
     in the demo of 2026-11-22), so they would only add time. Sources are ``demo:<task>`` (resolved against the
@@ -71,6 +78,9 @@ def demo_eval_suite(corpus_uri: str | None = None) -> EvalSuiteConfig:
     """
     def source(task: str) -> str:
         return resolve_source(f"demo:{task}", corpus_uri) if corpus_uri else f"demo:{task}"
+
+    def demo_path(path: str) -> str:
+        return resolve_demo_path(f"demo:{path}", corpus_uri) if corpus_uri else f"demo:{path}"
 
     return EvalSuiteConfig.model_validate({"seed": 0, "tasks": [
         {"name": "reading", "kind": "generation", "source": source("gen_reading"), "max_items": 64,
@@ -81,14 +91,38 @@ def demo_eval_suite(corpus_uri: str | None = None) -> EvalSuiteConfig:
          "num_mc_samples": 16},
         {"name": "heldout_text", "kind": "elbo", "source": source("heldout_text"), "max_items": 16,
          "num_mc_samples": 16},
+        {"name": "lm_eval_counting", "kind": "lm_eval", "task": "llada_demo_counting", "metric": "acc",
+         "include_path": demo_path("lm_eval"), "data_files": {"test": demo_path("lm_eval/llada_demo_counting.jsonl")},
+         "max_items": 16, "num_mc_samples": 16},
     ]})
 
 
 def suite_hash(suite: EvalSuiteConfig, corpus_uri: str | None = None) -> str:
     """sha256 of the suite config, its resolved sources and the scoring version."""
-    payload = {"scoring_version": SCORING_VERSION, "suite": suite.model_dump(mode="json"),
-               "sources": {task.name: resolve_source(task.source, corpus_uri) for task in suite.tasks}}
+    payload: dict[str, Any] = {"scoring_version": SCORING_VERSION, "suite": suite.model_dump(mode="json"),
+                               "sources": {task.name: task_sources(task, corpus_uri) for task in suite.tasks}}
+    if any(isinstance(task, LmEvalTask) for task in suite.tasks):
+        from importlib.metadata import version
+
+        payload["lm_eval_version"] = version("lm_eval")  # its task definitions and metrics change by version
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare(task: Any, corpus_uri: str | None, s3: storage.S3Settings | None, stack: contextlib.ExitStack) -> Any:
+    """A task's items (our kinds) or its loaded lm-eval task, read and checked before the model."""
+    if isinstance(task, LmEvalTask):
+        from jobs.evaluation.lm_eval_tasks import prepare_lm_eval
+
+        return prepare_lm_eval(task, corpus_uri, s3, stack)
+    return load_items(task, resolve_source(task.source, corpus_uri), s3)
+
+
+def _scorer(kind: str) -> Callable[..., dict[str, Any]]:
+    if kind == "lm_eval":
+        from jobs.evaluation.lm_eval_tasks import score_lm_eval
+
+        return score_lm_eval
+    return SCORERS[kind]
 
 
 def evaluate_checkpoint(hf_uri: str, suite: EvalSuiteConfig, corpus_uri: str | None = None,
@@ -104,22 +138,24 @@ def evaluate_checkpoint(hf_uri: str, suite: EvalSuiteConfig, corpus_uri: str | N
     before the model is loaded.
     """
     started = time.perf_counter()
-    sources = {task.name: resolve_source(task.source, corpus_uri) for task in suite.tasks}
-    items = {task.name: load_items(task, sources[task.name], s3) for task in suite.tasks}
+    sources = {task.name: task_sources(task, corpus_uri) for task in suite.tasks}
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with storage.local_copy(hf_uri, s3, prefix="llada-eval-") as local:
-        model = load_model(local, device=device).eval()
-        tokenizer = load_tokenizer(local)
-    special = check_matches_config(tokenizer, model.config)
-    loaded = time.perf_counter()
-    tasks: dict[str, dict[str, Any]] = {}
-    for task in suite.tasks:
-        task_started = time.perf_counter()
-        generator = torch.Generator(device=device).manual_seed(task_seed(suite.seed, task.name))
-        result = SCORERS[task.kind](model, tokenizer, special, task, items[task.name], generator)
-        tasks[task.name] = {"kind": task.kind, **result, "seconds": round(time.perf_counter() - task_started, 3)}
-        if progress:
-            progress(f"{hf_uri}: {task.name} {result['metric']}={result['value']:.4f} score={result['score']:.4f}")
+    with contextlib.ExitStack() as stack:
+        items = {task.name: _prepare(task, corpus_uri, s3, stack) for task in suite.tasks}
+        with storage.local_copy(hf_uri, s3, prefix="llada-eval-") as local:
+            model = load_model(local, device=device).eval()
+            tokenizer = load_tokenizer(local)
+        special = check_matches_config(tokenizer, model.config)
+        loaded = time.perf_counter()
+        tasks: dict[str, dict[str, Any]] = {}
+        for task in suite.tasks:
+            task_started = time.perf_counter()
+            generator = torch.Generator(device=device).manual_seed(task_seed(suite.seed, task.name))
+            result = _scorer(task.kind)(model, tokenizer, special, task, items[task.name], generator)
+            tasks[task.name] = {"kind": task.kind, **result, "seconds": round(time.perf_counter() - task_started, 3)}
+            if progress:
+                progress(f"{hf_uri}: {task.name} {result['metric']}={result['value']:.4f} "
+                         f"score={result['score']:.4f}")
     finished = time.perf_counter()
     return {
         "format": RECORD_FORMAT, "checkpoint": ref.to_json() if ref else None, "hf_uri": hf_uri,
@@ -160,22 +196,26 @@ def score_checkpoint(ref: CheckpointRef, suite: EvalSuiteConfig, corpus_uri: str
 
 
 def _score_in_task(ref_json: dict[str, Any], suite_json: dict[str, Any], corpus_uri: str | None,
-                   s3: storage.S3Settings | None) -> dict[str, Any]:
+                   s3: storage.S3Settings | None, record: bool = True) -> dict[str, Any]:
     """The body of one Ray task (model loaded inside it, on its GPU when it was given one)."""
-    return score_checkpoint(CheckpointRef.from_json(ref_json), EvalSuiteConfig.model_validate(suite_json),
-                            corpus_uri, s3)
+    ref, suite = CheckpointRef.from_json(ref_json), EvalSuiteConfig.model_validate(suite_json)
+    if not record:
+        return {**evaluate_checkpoint(ref.hf_uri, suite, corpus_uri, s3, ref=ref), "reused": False}
+    return score_checkpoint(ref, suite, corpus_uri, s3)
 
 
 def evaluate_checkpoints_ray(checkpoint_infos: Sequence[CheckpointInfo], suite: EvalSuiteConfig,
                              corpus_uri: str | None = None, s3: storage.S3Settings | None = None,
                              num_gpus_per_task: float | None = None, num_cpus_per_task: float = 1.0,
-                             progress: Progress | None = None) -> list[dict[str, Any]]:
+                             progress: Progress | None = None, record: bool = True) -> list[dict[str, Any]]:
     """Score each checkpoint as one Ray task; returns the records in ``checkpoint_infos`` order.
 
     Checkpoints whose scores.json matches the suite are not re-evaluated (no task is started).
     Each task loads the model itself (local or downloaded from S3), evaluates, and writes the
     checkpoint's scores.json. ``num_gpus_per_task`` None means 1 when the cluster has GPUs, else
-    0 (CPU tasks of ``num_cpus_per_task``). Ray must be initialised by the caller.
+    0 (CPU tasks of ``num_cpus_per_task``). ``record`` False scores every checkpoint and writes
+    nothing (ad hoc suites: the recorded scores select checkpoints). Ray must be initialised by
+    the caller.
     """
     import ray
 
@@ -188,11 +228,11 @@ def evaluate_checkpoints_ray(checkpoint_infos: Sequence[CheckpointInfo], suite: 
                                                 name="llada-eval-checkpoint")
     suite_json = suite.model_dump(mode="json")
     for index, info in enumerate(checkpoint_infos):
-        existing = read_score_record(info.uri, s3)
+        existing = read_score_record(info.uri, s3) if record else None
         if existing is not None and existing.get("suite_hash") == expected:
             records[index] = {**existing, "reused": True}
             continue
-        pending[remote.remote(info.ref.to_json(), suite_json, corpus_uri, s3)] = index
+        pending[remote.remote(info.ref.to_json(), suite_json, corpus_uri, s3, record)] = index
     if progress:
         progress(f"eval: {len(pending)} checkpoint(s) to score, {len(checkpoint_infos) - len(pending)} already scored")
     while pending:
@@ -207,6 +247,6 @@ def evaluate_checkpoints_ray(checkpoint_infos: Sequence[CheckpointInfo], suite: 
             raise EvalError(f"evaluating {checkpoint_infos[index].uri} failed: {type(cause).__name__}: {cause}") from error
         if progress:
             record = records[index]
-            progress(f"eval: step {record['checkpoint']['step']} average {record['average']:.4f} "
-                     f"({record['timings']['total_s']:.1f} s)")
+            name = record["checkpoint"]["uri"].rstrip("/").rsplit("/", 1)[-1]  # checkpoint_000040, top-000020-000040
+            progress(f"eval: {name} average {record['average']:.4f} ({record['timings']['total_s']:.1f} s)")
     return [record for record in records if record is not None]

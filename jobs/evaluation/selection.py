@@ -8,6 +8,10 @@ Rules (each stage's ``select`` in the recipe):
   from the same suite (equal ``suite_hash`` where recorded): averages of different suites do not
   compare.
 - ``last``: the highest step; averages are shown when present but not needed.
+- ``average_top_k``: the weights of the ``k`` checkpoints with the best eval averages are
+  averaged into a checkpoint of their own (jobs/evaluation/averaging.py), scored by the same
+  suite, and selected only when its average is at least the best single checkpoint's
+  (:func:`averaging_selection_record`); otherwise that single checkpoint is.
 
 The DAG reads the score records, calls :func:`select_checkpoint`, and writes
 :func:`selection_record` as the stage's ``selection.json`` (jobs.checkpoints.SELECTION_RECORD),
@@ -23,7 +27,8 @@ from typing import Any, Literal, Sequence
 from jobs.checkpoints import CheckpointRef
 
 Rule = Literal["best_eval_average", "last"]
-RULES: tuple[str, ...] = ("best_eval_average", "last")
+RULES: tuple[str, ...] = ("best_eval_average", "last")  # the rules select_checkpoint applies by itself
+AVERAGE_RULE = "average_top_k"
 SELECTION_FORMAT = "llada-selection/2"
 
 
@@ -124,3 +129,52 @@ def selection_record(decision: SelectionDecision) -> dict[str, Any]:
         "scores": [{**row, "checkpoint": dict(row["checkpoint"]), "tasks": dict(row["tasks"])}
                    for row in decision.scores],
     }
+
+
+def top_k(records: Sequence[dict[str, Any]], k: int) -> list[CheckpointRef]:
+    """The ``k`` checkpoints with the best eval averages (ties to the later step), best first."""
+    if k < 1:
+        raise ValueError(f"k: must be >= 1, got {k}")
+    rows = _checked_rows(records, need_average=True)
+    ranked = sorted(rows, key=lambda row: (row["average"], row["checkpoint"].step), reverse=True)
+    return [row["checkpoint"] for row in ranked[:k]]
+
+
+def averaging_selection_record(single: SelectionDecision, average_record: dict[str, Any] | None,
+                               members: Sequence[CheckpointRef], k: int) -> dict[str, Any]:
+    """The selection record of ``average_top_k``: ``single`` is the best_eval_average decision over
+    the stage's checkpoints, ``average_record`` the score record of the weight average of
+    ``members`` (None when there were fewer than two checkpoints to average). The average wins
+    when its eval average is at least the single checkpoint's; ``averaging`` says which won and
+    by how much."""
+    record = selection_record(single)
+    record["rule"] = AVERAGE_RULE
+    if average_record is None:
+        record["reason"] = (f"{AVERAGE_RULE}: only {len(members)} checkpoint(s), nothing to average; "
+                            + single.reason)
+        record["averaging"] = {"k": k, "members": [ref.to_json() for ref in members], "winner": "single"}
+        return record
+    average_ref = CheckpointRef.from_json(average_record.get("checkpoint"), where="average_record.checkpoint")
+    average = average_record.get("average")
+    if isinstance(average, bool) or not isinstance(average, (int, float)) or not math.isfinite(average):
+        raise ValueError(f"average_record.average: {average!r} is not an eval average")
+    if single.suite_hash is not None and average_record.get("suite_hash") != single.suite_hash:
+        raise ValueError("average_record.suite_hash: the average was scored by another eval suite than the "
+                         "checkpoints it averages; averages of different suites do not compare")
+    best = float(single.average)  # best_eval_average always has one
+    margin = float(average) - best
+    wins = margin >= 0
+    steps = ", ".join(str(ref.step) for ref in members)
+    record["checkpoint"] = (average_ref if wins else single.checkpoint).to_json()
+    record["average"] = float(average) if wins else best
+    record["reason"] = (f"{AVERAGE_RULE}: the weight average of steps [{steps}] scores {average:.4f} against "
+                        f"{best:.4f} for the best single checkpoint (step {single.checkpoint.step}), margin "
+                        f"{margin:+.4f}: the {'average' if wins else 'single checkpoint'} is selected")
+    record["averaging"] = {
+        "k": k, "members": [ref.to_json() for ref in members], "average_checkpoint": average_ref.to_json(),
+        "average_score": float(average), "best_single": single.checkpoint.to_json(), "best_single_score": best,
+        "margin": margin, "winner": "average" if wins else "single",
+        "tasks": {name: {field: task.get(field) for field in ("metric", "value", "score")}
+                  for name, task in (average_record.get("tasks") or {}).items()},
+    }
+    return record

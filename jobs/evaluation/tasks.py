@@ -1,12 +1,13 @@
 """Eval tasks: the suite's config, its data files, and how each task kind is scored.
 
-Three kinds (DESIGN.md, "Selection by eval averages"):
+Four kinds (DESIGN.md, "Selection by eval averages"):
 
 | kind | item (one JSON object per line) | raw metric | normalised score in [0, 1] |
 |---|---|---|---|
 | ``generation`` | ``prompt``, ``answer``, optional ``stop``; for ``chat: true`` also ``messages``, ``chat_answer`` | exact match (fraction) | the same |
 | ``choice`` | ``prompt``, ``choices``, ``answer_index`` | accuracy, lowest Monte Carlo ELBO wins | the same |
 | ``elbo`` | ``text`` (or ``prompt`` + ``answer``) | bits per token of the ELBO bound (lower is better) | ``2 ** -bits_per_token`` |
+| ``lm_eval`` | an lm-evaluation-harness task (its own data, or ``data_files``) | the task's metric named by ``metric`` | fractions as they are; perplexity ``1 / ppl``; bits per byte ``2 ** -bpb`` (:func:`lm_eval_score`) |
 
 ``2 ** -bits_per_token`` is the geometric mean, over the task's tokens, of the per-token
 probability bound that the ELBO gives (LLADA_SPEC section 7): a model that puts all its mass on
@@ -40,7 +41,7 @@ from llada_core import choose, elbo_nll, generate, left_pad
 from llada_core.options import SamplingOptions
 from llada_core.tokens import format_chat
 from pipelines import storage
-from pipelines.demo.eval_sets import EVAL_TASKS
+from pipelines.demo.eval_sets import DEMO_LM_EVAL_FOLDER, EVAL_TASKS
 from pipelines.tokenizer import SpecialTokenIds
 
 DEMO_PREFIX = "demo:"
@@ -61,11 +62,25 @@ class _Strict(BaseModel):
 class _TaskBase(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                       description="unique within the suite; the key of this task's scores")
-    source: str = Field(min_length=1, description="a JSONL URI, or 'demo:<task>' for a demo corpus eval set")
     max_items: int | None = Field(None, ge=1, description="use the first N items of the source (all when unset)")
 
+    def paths(self) -> list[str]:
+        """Every file or folder URI this task reads, as written (``demo:`` ones unresolved)."""
+        return []
+
+    def demo_paths(self) -> list[str]:
+        """The ``demo:`` references this task reads (they need a demo corpus)."""
+        return [path for path in self.paths() if path.startswith(DEMO_PREFIX)]
+
+
+class _SourcedTask(_TaskBase):
+    source: str = Field(min_length=1, description="a JSONL URI, or 'demo:<task>' for a demo corpus eval set")
+
+    def paths(self) -> list[str]:
+        return [self.source]
+
     @model_validator(mode="after")
-    def _check_demo_source(self) -> "_TaskBase":
+    def _check_demo_source(self) -> "_SourcedTask":
         if not self.source.startswith(DEMO_PREFIX):
             return self
         demo_task = self.source[len(DEMO_PREFIX):]
@@ -78,7 +93,7 @@ class _TaskBase(_Strict):
         return self
 
 
-class GenerationTask(_TaskBase):
+class GenerationTask(_SourcedTask):
     """Sample an answer for each prompt (llada_core.generate) and score it by exact match."""
 
     kind: Literal["generation"]
@@ -96,7 +111,7 @@ class GenerationTask(_TaskBase):
         return SamplingOptions.fast(**value) if isinstance(value, dict) else value
 
 
-class _MonteCarloTask(_TaskBase):
+class _MonteCarloTask(_SourcedTask):
     num_mc_samples: int = Field(ge=1, description="Monte Carlo samples of the ELBO per answer (paper: 128)")
     mc_batch_size: int | None = Field(None, ge=1, description="samples per forward; default num_mc_samples")
 
@@ -124,7 +139,57 @@ class ElboTask(_MonteCarloTask):
     kind: Literal["elbo"]
 
 
-EvalTask = Annotated[Union[GenerationTask, ChoiceTask, ElboTask], Field(discriminator="kind")]
+class LmEvalTask(_TaskBase):
+    """A task of EleutherAI's lm-evaluation-harness, scored by our model's lm-eval adapter
+    (jobs/evaluation/lm_eval_model.py) and normalised to [0, 1] (:func:`lm_eval_score`).
+
+    Offline clusters: lm-eval reads a task's dataset from the Hugging Face hub or its cache
+    (``HF_DATASETS_CACHE``); ``data_files`` points the task at files in storage instead.
+    """
+
+    kind: Literal["lm_eval"]
+    task: str = Field(min_length=1, description="an lm-eval task or group name (`llada lm-eval ls tasks`); a group "
+                                                "(mmlu, bbh) is scored by its aggregate metric")
+    metric: str | None = Field(None, min_length=1,
+                               description="the metric to average as lm-eval reports it, with its filter when that "
+                                           "is not 'none': 'acc', 'acc_norm', 'exact_match,strict-match'; left out, "
+                                           "the first metric the task reports")
+    include_path: str | None = Field(None, description="a folder of task YAMLs (path, file:// or s3://), or "
+                                                       "'demo:lm_eval' for the demo corpus's")
+    data_files: dict[str, str] | None = Field(
+        None, description="split -> data file (JSONL, JSON, CSV or Parquet URI, or 'demo:lm_eval/<file>'): the task "
+                          "reads these instead of its dataset")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (the task's own default when unset)")
+    chat: bool = Field(False, description="apply the chat template to the task's prompts")
+    num_mc_samples: int = Field(32, ge=1, description="Monte Carlo samples of the ELBO per loglikelihood request")
+    mc_batch_size: int | None = Field(None, ge=1, description="samples per draw; default num_mc_samples")
+    gen_length: int | None = Field(None, ge=1, description="answer tokens of generate_until requests (default: the "
+                                                           "task's max_gen_toks, rounded up to whole blocks)")
+    block_length: int = Field(32, ge=1, description="sampler block length for generate_until")
+    fast: bool = Field(True, description="the fast sampler options (threshold 0.9, dual cache, early stop); false "
+                                         "runs the reference loop")
+    batch_size: int = Field(16, ge=1, description="prompts per generate call")
+    allow_code_execution: bool = Field(False, description="run the model's code to score it (humaneval, mbpp: "
+                                                          "lm-eval's confirm_run_unsafe_code); only in a sandbox")
+
+    def paths(self) -> list[str]:
+        return ([self.include_path] if self.include_path else []) + list((self.data_files or {}).values())
+
+    @model_validator(mode="after")
+    def _check_lm_eval(self) -> "LmEvalTask":
+        if self.num_mc_samples % (self.mc_batch_size or self.num_mc_samples):
+            raise ValueError(f"num_mc_samples: {self.num_mc_samples} must be a multiple of "
+                             f"mc_batch_size={self.mc_batch_size}")
+        for path in self.demo_paths():
+            if not path[len(DEMO_PREFIX):].startswith(DEMO_LM_EVAL_FOLDER):
+                raise ValueError(f"{path!r}: the demo corpus's lm-eval files are under 'demo:{DEMO_LM_EVAL_FOLDER}'")
+        for split, uri in (self.data_files or {}).items():
+            if not split or not uri:
+                raise ValueError(f"data_files: expected split -> file URI, got {split!r}: {uri!r}")
+        return self
+
+
+EvalTask = Annotated[Union[GenerationTask, ChoiceTask, ElboTask, LmEvalTask], Field(discriminator="kind")]
 
 
 class EvalSuiteConfig(_Strict):
@@ -150,9 +215,43 @@ def resolve_source(source: str, corpus_uri: str | None) -> str:
     """``demo:<task>`` -> ``<corpus_uri>/eval/<task>.jsonl``; anything else is already a URI."""
     if not source.startswith(DEMO_PREFIX):
         return source
+    return resolve_demo_path(source, corpus_uri) + ".jsonl"
+
+
+def resolve_demo_path(path: str, corpus_uri: str | None) -> str:
+    """``demo:<path>`` -> ``<corpus_uri>/eval/<path>``; anything else is already a URI."""
+    if not path.startswith(DEMO_PREFIX):
+        return path
     if not corpus_uri:
-        raise EvalError(f"source {source!r}: a demo eval set needs the corpus URI (corpus_uri=...) it was written to")
-    return storage.join(corpus_uri, "eval", f"{source[len(DEMO_PREFIX):]}.jsonl")
+        raise EvalError(f"source {path!r}: a demo eval set needs the corpus URI (corpus_uri=...) it was written to")
+    return storage.join(corpus_uri, "eval", path[len(DEMO_PREFIX):])
+
+
+def task_sources(task: "GenerationTask | ChoiceTask | ElboTask | LmEvalTask", corpus_uri: str | None) -> Any:
+    """What a task reads, resolved (JSON): its source URI, or an lm-eval task's name, include
+    path and data files."""
+    if isinstance(task, LmEvalTask):
+        return {"lm_eval_task": task.task,
+                "include_path": resolve_demo_path(task.include_path, corpus_uri) if task.include_path else None,
+                "data_files": {split: resolve_demo_path(uri, corpus_uri)
+                               for split, uri in sorted((task.data_files or {}).items())}}
+    return resolve_source(task.source, corpus_uri)
+
+
+def missing_paths(task: "GenerationTask | ChoiceTask | ElboTask | LmEvalTask",
+                  s3: storage.S3Settings | None = None) -> list[str]:
+    """The task's own (not ``demo:``) files that do not exist; an lm-eval include path must hold
+    at least one task YAML."""
+    missing = []
+    for path in task.paths():
+        if path.startswith(DEMO_PREFIX):
+            continue
+        if isinstance(task, LmEvalTask) and path == task.include_path:
+            if not [uri for uri in storage.list_files(path, s3) if uri.endswith((".yaml", ".yml"))]:
+                missing.append(f"{path} (no task YAML in it)")
+        elif not storage.exists(path, s3):
+            missing.append(path)
+    return missing
 
 
 @dataclass(frozen=True)
@@ -285,6 +384,31 @@ def normalised_score(metric: str, value: float) -> float:
     raise ValueError(f"metric: unknown metric {metric!r}")
 
 
+PERPLEXITY_METRICS = ("perplexity", "word_perplexity", "byte_perplexity")
+
+
+def lm_eval_score(metric: str, value: float, higher_is_better: bool | None) -> float:
+    """An lm-eval metric -> [0, 1], higher = better: perplexities become 1 / perplexity (the
+    geometric-mean probability, as ``elbo`` tasks are scored), ``bits_per_byte`` 2 ** -bits, and
+    every other metric must already be a fraction where higher is better (accuracy, exact
+    match, pass@1, F1)."""
+    if not math.isfinite(value):
+        raise EvalError(f"metric {metric!r}: lm-eval reported {value}")
+    if metric in PERPLEXITY_METRICS:
+        if value < 1.0:
+            raise EvalError(f"metric {metric!r}: a perplexity of {value} is below 1")
+        return 1.0 / value
+    if metric == "bits_per_byte":
+        return normalised_score("bits_per_token", value)
+    if higher_is_better is False:
+        raise EvalError(f"metric {metric!r}: lower is better and it is not a perplexity or bits_per_byte, so it "
+                        "has no [0, 1] score; average another of the task's metrics")
+    if not 0.0 <= value <= 1.0:
+        raise EvalError(f"metric {metric!r}: {value} is not a fraction in [0, 1]; average another of the task's "
+                        "metrics")
+    return value
+
+
 def average_score(scores: Sequence[float]) -> float:
     """The suite's average: the unweighted mean of the normalised task scores."""
     if not scores:
@@ -384,4 +508,6 @@ def score_elbo(model: nn.Module, tokenizer: Any, special: SpecialTokenIds, task:
             "num_items": len(items), "num_tokens": num_tokens, "nats": total_nats}
 
 
+# The lm_eval kind is scored by jobs/evaluation/lm_eval_tasks.py (the runner imports it only for
+# suites that have one, so lm-eval loads only when used).
 SCORERS = {"generation": score_generation, "choice": score_choice, "elbo": score_elbo}

@@ -8,6 +8,7 @@ Splits and where they are written (under the corpus URI):
 | annealing subset (curated: no noisy text, worked examples) | ``anneal/anneal/part-NNNNN.jsonl`` | ``{"id", "text"}`` |
 | SFT chats, single and multi-turn | ``sft/chat/part-NNNNN.jsonl`` | ``{"id", "messages"}`` |
 | eval: exact-match generation, multiple choice, held-out text | ``eval/{task}.jsonl`` | see :mod:`pipelines.demo.eval_sets` |
+| eval: lm-evaluation-harness tasks over the same held-out items | ``eval/lm_eval/{task}.yaml`` + ``.jsonl`` | see :func:`pipelines.demo.eval_sets.lm_eval_files` |
 | description (spec, counts, files) written last | ``corpus.json`` | |
 
 Evaluation uses only held-out keys (``demo_world.is_heldout``) and training only the others, so
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.demo import world
 from pipelines import storage
-from pipelines.demo.eval_sets import build_eval_sets
+from pipelines.demo.eval_sets import DEMO_LM_EVAL_FOLDER, build_eval_sets, lm_eval_files
 
 PRETRAIN_DOMAINS = ("text", "math", "code")
 SYSTEM_PROMPT = "you are a helpful assistant."
@@ -180,6 +181,20 @@ def _write_jsonl(uri: str, records: list[dict[str, Any]], s3: storage.S3Settings
     storage.write_text(uri, "".join(json.dumps(record, sort_keys=True) + "\n" for record in records), s3)
 
 
+def _write_lm_eval_files(uri: str, eval_sets: dict[str, list[dict[str, Any]]], s3: storage.S3Settings | None,
+                         only_missing: bool = False) -> list[str]:
+    """The demo's lm-eval task YAMLs and their JSONL files under ``eval/lm_eval/``."""
+    folder = storage.join(uri, "eval", DEMO_LM_EVAL_FOLDER)
+    local_folder = None if storage.is_remote(folder) else storage.parse_uri(folder).path
+    written = []
+    for name, text in lm_eval_files(eval_sets, local_folder).items():
+        file_uri = storage.join(folder, name)
+        if not (only_missing and storage.exists(file_uri, s3)):
+            storage.write_text(file_uri, text, s3)
+        written.append(file_uri)
+    return written
+
+
 def write_demo_corpus(uri: str, spec: CorpusSpec | None = None, s3: storage.S3Settings | None = None,
                       overwrite: bool = False) -> dict[str, Any]:
     """Generate the corpus into ``uri`` and return its description (also saved as corpus.json,
@@ -189,6 +204,8 @@ def write_demo_corpus(uri: str, spec: CorpusSpec | None = None, s3: storage.S3Se
     if storage.exists(description_uri, s3) and not overwrite:
         existing = storage.read_json(description_uri, s3)
         if existing.get("spec") == spec.model_dump():
+            # A corpus written before the lm-eval tasks existed gets them (derived, deterministic).
+            _write_lm_eval_files(uri, build_eval_sets(spec.seed, spec.num_eval_items), s3, only_missing=True)
             return {**existing, "reused": True}
         raise storage.StorageError(
             f"{uri} already holds a demo corpus with another spec; choose another output or overwrite it")
@@ -204,11 +221,13 @@ def write_demo_corpus(uri: str, spec: CorpusSpec | None = None, s3: storage.S3Se
             part_uri = storage.join(uri, folder, f"part-{part:05d}.jsonl")
             _write_jsonl(part_uri, records[part::parts], s3)
             files[split].append(part_uri)
-    for task, items in build_eval_sets(spec.seed, spec.num_eval_items).items():
+    eval_sets = build_eval_sets(spec.seed, spec.num_eval_items)
+    for task, items in eval_sets.items():
         task_uri = storage.join(uri, "eval", f"{task}.jsonl")
         _write_jsonl(task_uri, items, s3)
         files[f"eval/{task}"] = [task_uri]
         counts[f"eval/{task}"] = len(items)
+    files[f"eval/{DEMO_LM_EVAL_FOLDER}"] = _write_lm_eval_files(uri, eval_sets, s3)
     description = {"spec": spec.model_dump(), "counts": counts, "files": files,
                    "pretrain_sources": {d: storage.join(uri, f"pretrain/{d}/*.jsonl") for d in PRETRAIN_DOMAINS},
                    "anneal_sources": {"anneal": storage.join(uri, "anneal/anneal/*.jsonl")},

@@ -17,6 +17,11 @@ from typing import Any, Callable
 
 from pipelines.demo import world
 
+# lm-evaluation-harness tasks made from the held-out sets: ``eval/lm_eval/<task>.yaml`` over
+# ``eval/lm_eval/<task>.jsonl`` (:func:`lm_eval_files`).
+DEMO_LM_EVAL_FOLDER = "lm_eval"
+LM_EVAL_TASKS = {"llada_demo_counting": "choice_counting", "llada_demo_reading": "gen_reading"}
+
 EVAL_TASKS = ("gen_reading", "gen_arithmetic", "gen_counting", "gen_code", "choice_arithmetic", "choice_counting",
               "choice_grammar", "heldout_text", "heldout_math")
 
@@ -126,3 +131,58 @@ def build_eval_sets(seed: int, count: int) -> dict[str, list[dict[str, Any]]]:
                for i, item in enumerate(items)]
         for task, items in tasks.items()
     }
+
+
+def lm_eval_files(sets: dict[str, list[dict[str, Any]]], folder_path: str | None) -> dict[str, str]:
+    """File name -> text of the demo's lm-eval tasks (``LM_EVAL_TASKS``), in lm-eval's task YAML
+    format over JSONL rows:
+
+    - ``llada_demo_counting`` (multiple choice, metric ``acc``): a counting story's question,
+      four answers, the right one by likelihood;
+    - ``llada_demo_reading`` (generate_until, metric ``exact_match``): a passage and its
+      question as raw text, the answer up to the first full stop.
+
+    ``folder_path``: where the files will be on local disk, written into each YAML as its data
+    file so that ``lm_eval --include_path <folder>`` runs them as they are; None (a corpus in
+    object storage) leaves a bare file name, and the eval suite points the task at the file in
+    storage (``data_files``), which it always does.
+    """
+    import json
+
+    def data_file(task: str) -> str:
+        name = f"{task}.jsonl"
+        return f"{folder_path.rstrip('/')}/{name}" if folder_path else name
+
+    counting = [{"question": item["prompt"].rstrip(), "choices": item["choices"], "label": item["answer_index"]}
+                for item in sets[LM_EVAL_TASKS["llada_demo_counting"]]]
+    reading = [{"question": item["prompt"], "answer": item["answer"]} for item in sets[LM_EVAL_TASKS["llada_demo_reading"]]]
+    files = {
+        "llada_demo_counting.jsonl": "".join(json.dumps(row, sort_keys=True) + "\n" for row in counting),
+        "llada_demo_reading.jsonl": "".join(json.dumps(row, sort_keys=True) + "\n" for row in reading),
+        "llada_demo_counting.yaml": (
+            "task: llada_demo_counting\n"
+            "dataset_path: json\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(data_file('llada_demo_counting'))}\n"
+            "test_split: test\n"
+            "output_type: multiple_choice\n"
+            "doc_to_text: question\n"
+            "doc_to_choice: choices\n"
+            "doc_to_target: label\n"
+            "target_delimiter: \" \"\n"
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "metadata:\n  version: 1.0\n"),
+        "llada_demo_reading.yaml": (
+            "task: llada_demo_reading\n"
+            "dataset_path: json\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(data_file('llada_demo_reading'))}\n"
+            "test_split: test\n"
+            "output_type: generate_until\n"
+            "doc_to_text: question\n"
+            "doc_to_target: answer\n"
+            "generation_kwargs:\n  until: [\".\", \"\\n\"]\n  max_gen_toks: 16\n  do_sample: false\n"
+            "filter_list:\n  - name: strip\n    filter:\n      - function: regex\n"
+            "        regex_pattern: \"^\\\\s*(.*?)\\\\s*$\"\n      - function: take_first\n"
+            "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+            "metadata:\n  version: 1.0\n"),
+    }
+    return files

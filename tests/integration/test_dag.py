@@ -35,7 +35,7 @@ def small_recipe(storage_uri: str) -> Recipe:
         stage["schedule"] = {"kind": "constant"}
     raw["stages"][0]["select"] = "last"
     raw["stages"][1].update(init_from="pretrain1", select="best_eval_average")
-    raw["stages"][2]["init_from"] = "anneal1"
+    raw["stages"][2].update(init_from="anneal1", select="average_top_k", average_k=2)
     raw["stages"][2]["fault_injection"] = {"step": 3, "rank": 0}
     raw["stages"][2]["scaling"] = {"num_workers": 1, "max_failures": 0}  # the crash ends the run
     raw["eval"] = {"seed": 0, "tasks": [
@@ -43,6 +43,9 @@ def small_recipe(storage_uri: str) -> Recipe:
          "sampling": {"gen_length": 8, "steps": 4, "threshold": None}, "chat": True},
         {"name": "text", "kind": "elbo", "source": "demo:heldout_text", "max_items": 2, "num_mc_samples": 2,
          "mc_batch_size": 2},
+        {"name": "counting", "kind": "lm_eval", "task": "llada_demo_counting", "metric": "acc",
+         "include_path": "demo:lm_eval", "data_files": {"test": "demo:lm_eval/llada_demo_counting.jsonl"},
+         "max_items": 4, "num_mc_samples": 2},
     ]}
     return Recipe.model_validate(raw)
 
@@ -73,7 +76,24 @@ def test_dag_hands_off_selects_resumes_and_skips(ray_cluster, tmp_path):
     sft_config = storage.read_json(storage.join(rows["sft"]["checkpoints"][-1]["uri"], "stage_config.json"))
     assert sft_config["init_from"] == rows["anneal1"]["selected"]["hf_uri"]
     selection = storage.read_json(storage.join(recipe.stage_uri("sft"), "selection.json"))
-    assert selection["rule"] == "best_eval_average" and len(selection["scores"]) == 2
+    assert selection["rule"] == "average_top_k" and len(selection["scores"]) == 2
+    # Averaging: both sft checkpoints averaged, scored by the same suite (lm-eval task included,
+    # run in the Ray eval task like the others), and chosen only when at least as good.
+    averaging = selection["averaging"]
+    assert sorted(m["step"] for m in averaging["members"]) == [2, 4]
+    average_uri = averaging["average_checkpoint"]["uri"]
+    assert average_uri.endswith("averages/top-000002-000004")
+    assert storage.exists(storage.join(average_uri, "complete.json"))
+    average_scores = storage.read_json(storage.join(average_uri, "scores.json"))
+    assert average_scores["average"] == averaging["average_score"]
+    assert 0.0 <= average_scores["tasks"]["counting"]["score"] <= 1.0
+    assert average_scores["tasks"]["counting"]["num_items"] == 4
+    best_single = max(c["eval_average"] for c in rows["sft"]["checkpoints"])
+    assert averaging["best_single_score"] == best_single
+    assert averaging["margin"] == pytest.approx(averaging["average_score"] - best_single)
+    wins = averaging["average_score"] >= best_single
+    assert averaging["winner"] == ("average" if wins else "single")
+    assert (selection["checkpoint"]["uri"] == average_uri) == wins
 
     started = time.perf_counter()
     outcomes = run_recipe(recipe, progress=lambda line: None)  # everything finished: all skipped

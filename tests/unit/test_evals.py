@@ -115,12 +115,15 @@ def small_suite(eval_sets: dict[str, str], seed: int = 0, **sampling) -> EvalSui
 
 def test_demo_suite_validates_and_resolves_against_a_corpus():
     suite = demo_eval_suite()
-    assert {task.kind for task in suite.tasks} == {"generation", "choice", "elbo"}
-    assert all(task.source.startswith("demo:") for task in suite.tasks)
+    assert {task.kind for task in suite.tasks} == {"generation", "choice", "elbo", "lm_eval"}
+    assert all(path.startswith("demo:") for task in suite.tasks for path in task.paths())
     assert any(task.kind == "generation" and task.chat for task in suite.tasks)
     assert EvalSuiteConfig.model_validate(suite.model_dump()) == suite
     pinned = demo_eval_suite("s3://bucket/corpus")
     assert pinned.tasks[0].source == "s3://bucket/corpus/eval/gen_reading.jsonl"
+    [lm_eval_task] = [task for task in pinned.tasks if task.kind == "lm_eval"]
+    assert lm_eval_task.include_path == "s3://bucket/corpus/eval/lm_eval"
+    assert lm_eval_task.data_files == {"test": "s3://bucket/corpus/eval/lm_eval/llada_demo_counting.jsonl"}
     assert eval_tasks.resolve_source("demo:heldout_text", "/c") == "/c/eval/heldout_text.jsonl"
     with pytest.raises(EvalError, match="corpus URI"):
         eval_tasks.resolve_source("demo:heldout_text", None)

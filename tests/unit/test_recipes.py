@@ -38,8 +38,19 @@ def test_the_full_scale_recipe_follows_the_paper():
     assert recipe.stage("anneal1").init_from == "pretrain2"
     assert recipe.stage("pretrain2").select == "best_eval_average" and recipe.stage("anneal1").select == "last"
     assert recipe.stage("sft").select == "best_eval_average"  # what serving loads
-    assert recipe.eval != "demo" and not any(t.source.startswith("demo:") for t in recipe.eval.tasks)
+    assert recipe.eval != "demo" and not any(t.demo_paths() for t in recipe.eval.tasks)
     assert recipe.scaling.use_gpu
+
+
+def test_the_full_scale_suite_is_the_papers_benchmarks_by_their_lm_eval_names():
+    from lm_eval.tasks import TaskManager
+
+    recipe = load_recipe(str(next(p for p in RECIPES if p.name == "llada-moe-7b-a1b.yaml")))
+    names = {task.task for task in recipe.eval.tasks if task.kind == "lm_eval"}
+    assert {"mmlu", "gsm8k", "minerva_math", "humaneval", "mbpp", "bbh_cot_fewshot"} <= names
+    manager = TaskManager()
+    unknown = sorted(name for name in names if name not in manager.all_subtasks and name not in manager.all_groups)
+    assert not unknown, f"not lm-eval tasks or groups: {unknown}"
 
 
 def test_overrides_by_dotted_path_and_stage_name():
@@ -67,6 +78,16 @@ def test_bad_recipes_name_the_field():
     raw = tiny_raw()
     raw["stages"][1]["select"] = "best"
     with pytest.raises(ValueError, match=r"stages.1.select"):
+        Recipe.model_validate(raw)
+    raw = tiny_raw()
+    raw["stages"][0]["average_k"] = 2
+    with pytest.raises(ValueError, match=r"stages.0\n.*average_k: only used by select: average_top_k \(this stage "
+                                         r"selects by last\)"):
+        Recipe.model_validate(raw)
+    raw["stages"][0]["select"] = "average_top_k"
+    assert Recipe.model_validate(raw).stages[0].average_k == 2
+    raw["stages"][0]["average_k"] = 1
+    with pytest.raises(ValueError, match=r"stages.0.average_k"):
         Recipe.model_validate(raw)
     raw = tiny_raw()
     raw["stages"][2]["name"] = "pretrain1"

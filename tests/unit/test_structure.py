@@ -138,3 +138,16 @@ def test_core_never_hardcodes_cuda():
         if ".cuda(" in p.read_text() or "device=\"cuda\"" in p.read_text() or "device='cuda'" in p.read_text()
     ]
     assert not offenders, f"use the input's device, not .cuda(): {offenders}"
+
+
+def test_no_two_test_files_share_a_name():
+    """The test folders have no __init__.py, so pytest imports each test file by its bare name: two
+    files of one name stop a full `pytest tests` at collection ("import file mismatch") even
+    though each folder passes alone (it happened once, with test_resume.py)."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(ROOT)} and {path.relative_to(ROOT)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, f"test files with the same name: {clashes}"
