@@ -1,9 +1,12 @@
 """MoE layer forward+backward throughput: grouped experts vs a per-expert loop vs a dense FFN.
 
+``grouped_mm`` is the same layer through ``torch._grouped_mm`` (the experts' default wherever it
+runs), ``grouped`` the padded batched matmul / per-expert paths used where it does not.
+
 Run: .venv/bin/python benchmarks/moe.py [--tokens 2048 --hidden 512 --ffn 256 --experts 64 --top-k 8]
 
 Legend: T tokens, D hidden, F expert FFN, E experts, K top-k.
-All three variants run interleaved in the same process on the same input, so the figures are
+All variants run interleaved in the same process on the same input, so the figures are
 comparable as ratios. The per-expert loop is written the way the released modeling code
 does it (``torch.where`` per expert, gather, SwiGLU, weighted ``index_add``). The dense FFN has
 the same active FLOPs per token (FFN size K*F). Prints one JSON object.
@@ -12,6 +15,7 @@ the same active FLOPs per token (FFN size K*F). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -95,8 +99,12 @@ def main() -> None:
     moe = MoE(config)
     for p in moe.parameters():
         nn.init.normal_(p, std=0.02)
+    grouped_mm = copy.deepcopy(moe)  # the same weights through torch._grouped_mm (the default where it runs)
+    moe.experts.use_grouped_mm = False  # "grouped": the padded / per-expert paths, as before
+    grouped_mm.experts.use_grouped_mm = True
     variants = {
         "grouped": moe,
+        "grouped_mm": grouped_mm,
         "loop": LoopMoE(moe),
         "dense": DenseSwiGLU(args.hidden, args.top_k * args.ffn),
     }
@@ -118,6 +126,7 @@ def main() -> None:
         "tokens_per_s": {k: round(v, 1) for k, v in tokens_per_s.items()},
         "grouped_over_loop": round(tokens_per_s["grouped"] / tokens_per_s["loop"], 2),
         "grouped_over_dense": round(tokens_per_s["grouped"] / tokens_per_s["dense"], 2),
+        "grouped_mm_over_grouped": round(tokens_per_s["grouped_mm"] / tokens_per_s["grouped"], 2),
         "grouped_gflops": round(active_flops / statistics.median(times["grouped"]) / 1e9, 1),
         "matmul_gflops": round(peak, 1),
     }

@@ -51,6 +51,7 @@ class RecipeStage(Strict):
     seq_len: int | None = Field(None, ge=8)  # rows this stage trains on; default data.seq_len (sft_seq_len for SFT)
     max_seq_len: int | None = Field(None, ge=8)
     variable_length_prob: float = Field(0.01, ge=0, le=1)
+    load_balance_layers: Literal["mean", "sum"] = Field("mean", exclude_if=lambda value: value == "mean")
     init_from: str | None = None  # an earlier stage: this one starts from the checkpoint it selected
     select: SelectionRule = "best_eval_average"  # how this stage's own checkpoint is chosen
     # select: average_top_k averages the weights of this many best checkpoints (DEFAULT_AVERAGE_K)
@@ -194,6 +195,7 @@ class RunRecipe(Strict):
             micro_batch_size=stage.micro_batch_size, grad_accumulation_steps=stage.grad_accumulation_steps,
             max_seq_len=stage.max_seq_len, rope_theta=stage.rope_theta,
             max_position_embeddings=stage.max_position_embeddings, variable_length_prob=stage.variable_length_prob,
+            load_balance_layers=stage.load_balance_layers,
             optimizer=stage.optimizer, schedule=stage.schedule, scaling=scaling,
             checkpoint_every=min(stage.checkpoint_every, num_steps), keep_last=stage.keep_last,
             seed=self.seed + 1000 * [s.name for s in self.stages].index(name),

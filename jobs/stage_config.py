@@ -61,6 +61,10 @@ class ScalingSpec(Strict):
     # holds). More threads than CPUs pays off on CPU-only runs where Ray Data only streams a
     # stage's already materialised rows and leaves its reserved CPU idle (the tiny-cpu recipe).
     torch_threads: int | None = Field(None, ge=1)
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    # the same loss and gradients for about one more forward of compute (llada_core.model). Left
+    # out of the config's dump while off, so stages fingerprinted before it existed still match.
+    activation_checkpointing: bool = Field(False, exclude_if=lambda on: on is False)
 
     @model_validator(mode="after")
     def _check(self) -> "ScalingSpec":
@@ -100,6 +104,9 @@ class StageConfig(Strict):
     optimizer: OptimizerSpec
     schedule: ScheduleSpec = ScheduleSpec()
     scaling: ScalingSpec = ScalingSpec()
+    # The load-balancing loss over layers: their mean (megablocks/OLMoE) or their sum
+    # (llada_core.losses.load_balance_loss); left out of the dump at the default.
+    load_balance_layers: Literal["mean", "sum"] = Field("mean", exclude_if=lambda value: value == "mean")
     checkpoint_every: int = Field(ge=1)
     keep_last: int = Field(3, ge=1)
     log_every: int = Field(1, ge=1)
@@ -156,7 +163,7 @@ def absolute_uri(uri: str) -> str:
 # (the model, data, batch sizes, steps, optimizer and schedule, the starting checkpoint, the
 # number of workers, which fixes how data is split) needs `--restart-stage`.
 SAFE_TO_CHANGE = ("checkpoint_every", "keep_last", "log_every", "scaling.max_failures", "scaling.cpus_per_worker",
-                  "scaling.data_cpus", "scaling.torch_threads", "fault_injection")
+                  "scaling.data_cpus", "scaling.torch_threads", "scaling.activation_checkpointing", "fault_injection")
 
 
 def flat_fields(value: Any, prefix: str = "") -> dict[str, Any]:

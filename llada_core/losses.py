@@ -128,12 +128,29 @@ def sft_loss_from_hidden(hidden_BLD: torch.Tensor, lm_head_VD: torch.Tensor, inp
     return (nll_M * weight_M).sum() / input_ids.shape[0]
 
 
+LAYER_REDUCTIONS = ("mean", "sum")
+
+
 def load_balance_loss(
-    router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None = None,
+    layers: str = "mean",
 ) -> torch.Tensor:
-    """L_LB = E * sum_i f_i * P_i per layer (f_i: fraction of routed slots sent to expert i,
-    P_i: mean router probability of expert i), averaged over layers. Padding tokens
-    (``token_mask`` [B, L] false) are left out."""
+    """Switch-style load-balancing loss over the MoE layers (LLADA_SPEC section 4):
+
+        L_LB = reduce over layers l of  E * sum_i f_i^l * P_i^l
+        f_i^l = (1 / (T * K)) * sum_t 1[expert i in the top-K of token t]   (share of routed slots)
+        P_i^l = (1 / T) * sum_t softmax(router logits of t)_i                (mean router probability)
+
+    with T the (non-padding) tokens, K = ``top_k``, E the experts. f is normalised by T * K, so a
+    perfectly balanced layer gives L = 1 whatever K is. ``layers="mean"`` averages the layers:
+    the convention of megablocks and OLMoE (whose experts have LLaDA-MoE's exact shapes and which
+    uses the same 0.01 / 0.001 weights), so the 0.01 weight means the same at any depth.
+    ``layers="sum"`` adds them (Switch Transformer / HF Mixtral style), which makes the pressure to
+    balance grow with depth: 16 times the mean's at the 7B model's 16 layers. Padding tokens
+    (``token_mask`` [B, L] false) are left out.
+    """
+    if layers not in LAYER_REDUCTIONS:
+        raise ValueError(f"layers: {layers!r} is not one of {LAYER_REDUCTIONS}")
     per_layer = []
     for router_logits_TE in router_logits:
         probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
@@ -145,7 +162,8 @@ def load_balance_loss(
         f_E = (assigned_TE * weight_T[:, None]).sum(0) / (num_tokens * top_k)
         p_E = (probs_TE * weight_T[:, None]).sum(0) / num_tokens
         per_layer.append(num_experts * (f_E * p_E).sum())
-    return torch.stack(per_layer).mean()
+    stacked = torch.stack(per_layer)
+    return stacked.mean() if layers == "mean" else stacked.sum()
 
 
 def router_z_loss(
@@ -187,9 +205,11 @@ def total_loss(
     load_balance_coef: float = 0.01,
     z_loss_coef: float = 0.001,
     token_mask: torch.Tensor | None = None,
+    load_balance_layers: str = "mean",
 ) -> LossTerms:
-    """Diffusion loss + 0.01 L_LB + 0.001 L_Z (LLADA_SPEC section 4)."""
-    lb = load_balance_loss(router_logits, top_k, token_mask)
+    """Diffusion loss + 0.01 L_LB + 0.001 L_Z (LLADA_SPEC section 4); ``load_balance_layers``:
+    see :func:`load_balance_loss`."""
+    lb = load_balance_loss(router_logits, top_k, token_mask, layers=load_balance_layers)
     z = router_z_loss(router_logits, token_mask)
     return LossTerms(total=diffusion + load_balance_coef * lb + z_loss_coef * z, diffusion=diffusion, load_balance=lb, z_loss=z)
 

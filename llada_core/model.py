@@ -18,14 +18,39 @@ was built; the sampler decides when that approximation is good enough.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llada_core.config import LLaDAMoEConfig
+
+log = logging.getLogger(__name__)
+_LOGGED_PATHS: set[tuple[str, str]] = set()  # (device type, expert path): each is logged once
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
+    """Whether ``torch._grouped_mm`` runs for these tensors: CUDA from Hopper (sm90) on in bf16, or
+    the CPU (bf16, fp32), and every matrix row a multiple of 16 bytes (its stride rule)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda":
+        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(device) < (9, 0):
+            return False
+    elif device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    element = torch.empty((), dtype=dtype).element_size()
+    return all(width * element % 16 == 0 for width in widths)
+
+
+def _log_path_once(device: torch.device, path: str) -> None:
+    if (device.type, path) not in _LOGGED_PATHS:
+        _LOGGED_PATHS.add((device.type, path))
+        log.info("MoE experts on %s: %s path", device.type, path)
 
 
 @dataclass
@@ -150,6 +175,11 @@ class GroupedExperts(nn.Module):
     """
 
     max_padding = 2.0
+    # None: the grouped GEMM (torch._grouped_mm: no padding, no loop over experts) wherever it runs
+    # (grouped_mm_supported: CUDA from sm90 in bf16, the CPU in bf16/fp32, 16-byte rows), else the
+    # two paths above; False: never (True: the same as None, for tests). On 2 CPU cores it is 1.23x
+    # the padded path's tokens/s at balanced routing (benchmarks/RESULTS.md, "MoE layer").
+    use_grouped_mm: bool | None = None
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int) -> None:
         super().__init__()
@@ -164,10 +194,34 @@ class GroupedExperts(nn.Module):
         expert_S = expert_idx_TK.reshape(-1)
         slot_sorted_S = torch.argsort(expert_S, stable=True)
         counts_E = torch.bincount(expert_S, minlength=num_experts)
+        if self._grouped_gemm(x_TD):
+            _log_path_once(x_TD.device, "grouped GEMM")
+            return self._grouped(x_TD, expert_idx_TK, weights_TK, slot_sorted_S, counts_E)
         capacity = int(counts_E.max()) if expert_S.numel() else 0  # dropless: the largest group
         if num_experts * capacity > (1 + self.max_padding) * expert_S.numel():
+            _log_path_once(x_TD.device, "per-expert")
             return self._per_group(x_TD, expert_idx_TK, weights_TK, slot_sorted_S, counts_E)
+        _log_path_once(x_TD.device, "padded batched matmul")
         return self._padded(x_TD, expert_idx_TK, weights_TK, slot_sorted_S, counts_E, capacity)
+
+    def _grouped_gemm(self, x_TD: torch.Tensor) -> bool:
+        if self.use_grouped_mm is False:
+            return False
+        dtypes = {x_TD.dtype, self.gate_proj.dtype}
+        return len(dtypes) == 1 and grouped_mm_supported(x_TD.device, x_TD.dtype, *self.gate_proj.shape[1:])
+
+    def _grouped(self, x_TD, expert_idx_TK, weights_TK, slot_sorted_S, counts_E) -> torch.Tensor:
+        """One grouped GEMM per projection over the expert-sorted slots; ``offs`` ends each group."""
+        top_k = expert_idx_TK.shape[1]
+        token_S = slot_sorted_S // top_k
+        x_SD = x_TD.index_select(0, token_S)
+        weights_S1 = weights_TK.reshape(-1).index_select(0, slot_sorted_S)[:, None].to(x_TD.dtype)
+        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        gate_SF = torch._grouped_mm(x_SD, self.gate_proj.transpose(1, 2), offs=offs_E)
+        up_SF = torch._grouped_mm(x_SD, self.up_proj.transpose(1, 2), offs=offs_E)
+        h_SF = F.silu(gate_SF) * up_SF * weights_S1
+        y_SD = torch._grouped_mm(h_SF, self.down_proj.transpose(1, 2), offs=offs_E)
+        return x_TD.new_zeros(x_TD.shape).index_add(0, token_S, y_SD)
 
     def _padded(self, x_TD, expert_idx_TK, weights_TK, slot_sorted_S, counts_E, capacity: int) -> torch.Tensor:
         num_tokens, top_k = expert_idx_TK.shape
@@ -268,6 +322,10 @@ class LLaDAMoEBackbone(nn.Module):
 class LLaDAMoEModelLM(nn.Module):
     """LLaDA-MoE mask predictor: ``model(input_ids, attention_mask=None)`` -> ModelOutput."""
 
+    # Per decoder layer: keep its input only and recompute its activations in the backward pass
+    # (training only; set by the stage's scaling.activation_checkpointing). Same loss and gradients.
+    activation_checkpointing: bool = False
+
     def __init__(self, config: LLaDAMoEConfig) -> None:
         super().__init__()
         self.config = config
@@ -338,11 +396,17 @@ class LLaDAMoEModelLM(nn.Module):
         cos_BLD, sin_BLD = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         h_BLD = self.model.embed_tokens(input_ids)
         router_logits, keys, values = [], [], []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and not use_cache
         for index, layer in enumerate(self.model.layers):
             cached_kv = None
             if past_key_values is not None:
                 cached_kv = (past_key_values.keys[index], past_key_values.values[index], cache_start)
-            h_BLD, router_logits_TE, k_BHLD, v_BHLD = layer(h_BLD, cos_BLD, sin_BLD, key_mask_B11L, cached_kv)
+            if recompute and cached_kv is None:
+                # Keep only the layer's input; its activations are recomputed in the backward pass.
+                h_BLD, router_logits_TE, k_BHLD, v_BHLD = checkpoint(
+                    layer, h_BLD, cos_BLD, sin_BLD, key_mask_B11L, None, use_reentrant=False)
+            else:
+                h_BLD, router_logits_TE, k_BHLD, v_BHLD = layer(h_BLD, cos_BLD, sin_BLD, key_mask_B11L, cached_kv)
             router_logits.append(router_logits_TE)
             if use_cache and past_key_values is None:
                 keys.append(k_BHLD)

@@ -221,7 +221,8 @@ def train_step(engine: Any, batch: dict[str, np.ndarray], config: StageConfig, g
     else:
         diffusion = pretrain_loss_from_hidden(out.hidden_states, lm_head_VD, target, masked)
     terms = total_loss(diffusion, out.router_logits, model_config.num_experts_per_tok,
-                       model_config.router_aux_loss_coef, model_config.router_z_loss_coef)
+                       model_config.router_aux_loss_coef, model_config.router_z_loss_coef,
+                       load_balance_layers=config.load_balance_layers)
     engine.backward(terms.total)
     engine.step()
     return {"terms": terms, "router_logits": [r.detach() for r in out.router_logits],
@@ -302,6 +303,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(config.scaling.torch_threads)
     deepspeed.init_distributed(dist_backend="nccl" if config.scaling.use_gpu else "gloo", verbose=False)
     model = enable_expert_parallel(build_model(config, s3), config.scaling.expert_parallel_size)
+    model.activation_checkpointing = config.scaling.activation_checkpointing
     # foreach: one fused update over all tensors (torch picks the per-tensor loop on CPU otherwise)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, config.optimizer.weight_decay),
                                   lr=config.optimizer.lr, betas=config.optimizer.betas, eps=config.optimizer.eps,

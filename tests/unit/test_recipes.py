@@ -39,7 +39,7 @@ def test_the_full_scale_recipe_follows_the_paper():
     assert recipe.stage("pretrain2").select == "best_eval_average" and recipe.stage("anneal1").select == "last"
     assert recipe.stage("sft").select == "best_eval_average"  # what serving loads
     assert recipe.eval != "demo" and not any(t.demo_paths() for t in recipe.eval.tasks)
-    assert recipe.scaling.use_gpu
+    assert recipe.scaling.use_gpu and recipe.scaling.activation_checkpointing
 
 
 def test_the_full_scale_suite_is_the_papers_benchmarks_by_their_lm_eval_names():
