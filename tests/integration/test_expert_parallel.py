@@ -95,6 +95,36 @@ def test_expert_parallel_ep2_equals_native_moe_outputs_and_gradients():
     mp.spawn(_parity_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
+def _checkpointing_worker(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    import deepspeed
+
+    from jobs.training.expert_parallel import enable_expert_parallel
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(0)
+    parallel = enable_expert_parallel(LLaDAMoEModelLM(small_config()), ep_size=WORLD).train()
+    ids = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(rank))
+    results = []
+    for checkpointing in (False, True):  # the all-to-alls run again in backward, on every rank alike
+        parallel.activation_checkpointing = checkpointing
+        parallel.zero_grad(set_to_none=True)
+        loss, _ = training_loss(parallel, ids, seed=rank)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in parallel.named_parameters()
+                                        if p.grad is not None}))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    assert grads_ckpt.keys() == grads_plain.keys() and len(grads_plain) > 0
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_activation_checkpointing_with_expert_parallelism_gives_the_same_gradients():
+    mp.spawn(_checkpointing_worker, args=(free_port(),), nprocs=WORLD, join=True)
+
+
 def test_expert_parallel_rejects_sizes_that_do_not_divide():
     from jobs.training.expert_parallel import ExpertParallelMoE
 
