@@ -118,15 +118,15 @@ def score_and_select(recipe: RunRecipe, name: str, s3: storage.S3Settings | None
     records = evaluate_checkpoints_ray(checkpoints, suite, corpus_uri(recipe), s3, progress=relay)
     stage = recipe.stage(name)
     if stage.select == AVERAGE_RULE:
-        record = _select_by_averaging(recipe, name, records, s3, relay)
+        record = _select_by_averaging(recipe, name, records, suite, s3, relay)
     else:
         record = selection_record(select_checkpoint(records, stage.select))
     storage.write_json(storage.join(recipe.stage_uri(name), ckpt.SELECTION_RECORD), record, s3)
     return record
 
 
-def _select_by_averaging(recipe: RunRecipe, name: str, records: list[dict[str, Any]], s3: storage.S3Settings | None,
-                         progress: Callable[[str], None] | None) -> dict[str, Any]:
+def _select_by_averaging(recipe: RunRecipe, name: str, records: list[dict[str, Any]], suite: EvalSuiteConfig,
+                         s3: storage.S3Settings | None, progress: Callable[[str], None] | None) -> dict[str, Any]:
     """``average_top_k``: average the best k checkpoints' weights, score the average with the
     same suite, and keep it only when it scores at least the best single checkpoint."""
     from jobs.evaluation.averaging import write_average
@@ -141,8 +141,7 @@ def _select_by_averaging(recipe: RunRecipe, name: str, records: list[dict[str, A
     if progress:
         progress(f"averaging the weights of steps {[ref.step for ref in members]}")
     average = write_average(recipe.stage_uri(name), members, s3)
-    [average_record] = evaluate_checkpoints_ray([average], eval_suite(recipe), corpus_uri(recipe), s3,
-                                                progress=progress)
+    [average_record] = evaluate_checkpoints_ray([average], suite, corpus_uri(recipe), s3, progress=progress)
     return averaging_selection_record(single, average_record, members, k)
 
 

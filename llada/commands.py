@@ -252,8 +252,8 @@ def run_lm_eval(argv: list[str]) -> int:
     sys.argv = ["lm_eval", *argv]
     try:
         cli_evaluate()
-    except SystemExit as exit_:
-        return int(exit_.code or 0) if isinstance(exit_.code, int) or exit_.code is None else 1
+    except SystemExit as exit_:  # argparse's --help and errors end lm-eval this way
+        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     finally:
         sys.argv = saved
     return 0

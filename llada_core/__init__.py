@@ -4,7 +4,8 @@ Single-device code only: distribution (Ray, DeepSpeed) lives in ``jobs/``.
 """
 
 from llada_core import hf  # noqa: F401  (registers the transformers Auto classes)
-from llada_core.checkpoint import CheckpointError, average_checkpoints, load_config, load_model, save_model
+from llada_core.averaging import average_checkpoints
+from llada_core.checkpoint import CheckpointError, load_config, load_model, save_model
 from llada_core.config import PRESETS, LLaDAMoEConfig, count_parameters, preset
 from llada_core.likelihood import choose, elbo_nll, elbo_nll_batched, elbo_nll_choices
 from llada_core.model import KVCache, LLaDAMoEModelLM, ModelOutput

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llada_core.guidance import guided, with_unconditional_rows
+from llada_core.losses import masked_nll
 
 TokenIds = torch.Tensor | Sequence[int]
 
@@ -229,8 +230,6 @@ def elbo_nll_batched(
     (:func:`llada_core.losses.masked_nll`), so a forward never holds [rows, length, vocab]
     logits: at the released vocabulary (157,184) that tensor would be 10 GB for 16 rows of 2k.
     """
-    from llada_core.losses import masked_nll  # the one loss helper this estimator shares with training
-
     mask_id = _resolve_mask_id(model, mask_id)
     _check_counts(num_samples, batch_size, 0.0)
     rows_per_forward = rows_per_forward or batch_size

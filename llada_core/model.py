@@ -18,6 +18,7 @@ was built; the sampler decides when that approximation is good enough.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 _LOGGED_PATHS: set[tuple[str, str]] = set()  # (device type, expert path): each is logged once
 
 
+@functools.lru_cache(maxsize=64)  # asked by every MoE layer on every call
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
     """Whether ``torch._grouped_mm`` runs for these tensors: CUDA from Hopper (sm90) on in bf16, or
     the CPU (bf16, fp32), and every matrix row a multiple of 16 bytes (its stride rule)."""
@@ -43,8 +45,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *widths: int)
             return False
     elif device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
         return False
-    element = torch.empty((), dtype=dtype).element_size()
-    return all(width * element % 16 == 0 for width in widths)
+    return all(width * dtype.itemsize % 16 == 0 for width in widths)
 
 
 def _log_path_once(device: torch.device, path: str) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -103,14 +102,13 @@ class _RowGroup:
     table: pa.Table | None = None
 
 
-
 def _decode(table: pa.Table, kind: str, seq_len: int, sizes: list[int]) -> list[_RowGroup]:
     """Consecutive row groups read together -> one _RowGroup each (pretraining rows decoded in
     one flat copy, then viewed per row group)."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     if kind == "sft":
-        return [_RowGroup(size, table.slice(start, size).nbytes, table=table.slice(start, size))
-                for start, size in zip(offsets, sizes)]
+        groups = [table.slice(start, size) for start, size in zip(offsets, sizes)]
+        return [_RowGroup(size, group.nbytes, table=group) for size, group in zip(sizes, groups)]
     column = table.column("input_ids")
     if [len(chunk) for chunk in column.chunks] == list(sizes):  # a chunk per row group: views, no copy
         return [_RowGroup(size, size * seq_len * 4, ids=pc.list_flatten(chunk).to_numpy().reshape(size, seq_len),
@@ -323,9 +321,7 @@ def worker_dataset(plan: StagePlan, rank: int, world: int, cursor: DataCursor, n
 def to_arrays(batch: dict[str, Any]) -> dict[str, np.ndarray]:
     """A batch of rows -> ``input_ids`` [B, L] int64 plus [B] columns; SFT batches also get
     ``loss_mask`` [B, L] (True on response tokens and their EOS padding)."""
-    input_ids = np.asarray(batch["input_ids"], dtype=np.int64)
-    if input_ids.dtype == object or input_ids.ndim == 1:
-        input_ids = np.stack([np.asarray(row, dtype=np.int64) for row in batch["input_ids"]])
+    input_ids = np.asarray(batch["input_ids"], dtype=np.int64)  # read_unit makes it [B, L]
     arrays = {"input_ids": input_ids, "num_tokens": np.asarray(batch["num_tokens"], np.int64),
               "position": np.asarray(batch["position"], np.int64), "domain": np.asarray(batch["domain"])}
     if "prompt_length" in batch:
@@ -375,10 +371,3 @@ def train_worker_resources(num_workers: int, cluster_cpus: float, data_cpus: flo
             f"{data_cpus:g} CPU for Ray Data's reads (each worker needs at least 0.1 CPU); use fewer workers "
             f"or a bigger cluster")
     return {"CPU": per_worker}
-
-
-def read_stage_rows(plan: StagePlan, units: range, s3: storage.S3Settings | None = None) -> dict[str, np.ndarray]:
-    """Units of a stage read in this process (tests, benchmarks, inspection): concatenated columns."""
-    shards = _shard_index(plan.packed_uri, s3.model_dump_json() if s3 else None)
-    parts = [read_unit(plan, shards, unit, s3=s3) for unit in units]
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}

@@ -103,6 +103,7 @@ class LLaDAEvalLM(LM):
                 raise ValueError(f"llada model_args: {name} must be a positive integer, got {value!r}")
         if mc_num % mc_batch_size:
             raise ValueError(f"llada model_args: mc_num={mc_num} must be a multiple of mc_batch_size={mc_batch_size}")
+        del max_batch_size  # lm-eval's command line passes it to every model; it bounds an automatic search
         if batch_size in (None, "auto") or (isinstance(batch_size, str) and batch_size.startswith("auto")):
             batch_size = 16  # no automatic search: a diffusion sampler's memory depends on gen_length
         batch_size = int(batch_size)
@@ -123,11 +124,8 @@ class LLaDAEvalLM(LM):
             with storage.local_copy(str(pretrained), s3, prefix="llada-lm-eval-") as local:
                 model = load_model(local, dtype=torch_dtype, device=self._device)
                 tokenizer = load_tokenizer(local)
-            self.name = str(pretrained)
         elif tokenizer is None:
             raise ValueError("llada: a loaded model needs its tokenizer")
-        else:
-            self.name = getattr(model.config, "name_or_path", None) or "llada-model"
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.special = check_matches_config(tokenizer, model.config)

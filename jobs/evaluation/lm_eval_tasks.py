@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.evaluation.tasks import EvalError, LmEvalTask, lm_eval_score, resolve_demo_path
+from jobs.evaluation.tasks import EvalError, LmEvalTask, holds_task_yaml, lm_eval_score, resolve_demo_path
 from pipelines import storage
 from pipelines.tokenizer import SpecialTokenIds
 
@@ -38,12 +37,10 @@ class PreparedLmEval:
 
 
 def _local_file(uri: str, s3: storage.S3Settings | None, stack: contextlib.ExitStack) -> str:
-    if not storage.is_remote(uri):
-        return storage.parse_uri(uri).path
-    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="llada-lm-eval-data-"))
-    path = Path(folder) / Path(storage.parse_uri(uri).path).name
-    path.write_bytes(storage.read_bytes(uri, s3))
-    return str(path)
+    """A local path of the file ``uri`` (downloaded next to nothing else when it is remote)."""
+    folder_uri, name = uri.rstrip("/").rsplit("/", 1)
+    folder = stack.enter_context(storage.local_copy(folder_uri, s3, only=(name,), prefix="llada-lm-eval-data-"))
+    return str(Path(folder) / name)
 
 
 def _data_file_overrides(task: LmEvalTask, corpus_uri: str | None, s3: storage.S3Settings | None,
@@ -75,7 +72,7 @@ def prepare_lm_eval(task: LmEvalTask, corpus_uri: str | None, s3: storage.S3Sett
     include = resolve_demo_path(task.include_path, corpus_uri) if task.include_path else None
     local_include = None
     if include is not None:
-        if not [uri for uri in storage.list_files(include, s3) if uri.endswith((".yaml", ".yml"))]:
+        if not holds_task_yaml(include, s3):
             raise EvalError(f"task {task.name!r}: include_path {include} holds no task YAML")
         local_include = stack.enter_context(storage.local_copy(include, s3, prefix="llada-lm-eval-tasks-"))
     overrides = _data_file_overrides(task, corpus_uri, s3, stack) if task.data_files else None

@@ -238,6 +238,11 @@ def task_sources(task: "GenerationTask | ChoiceTask | ElboTask | LmEvalTask", co
     return resolve_source(task.source, corpus_uri)
 
 
+def holds_task_yaml(folder_uri: str, s3: storage.S3Settings | None = None) -> bool:
+    """Whether a folder (local or s3://) has an lm-eval task YAML in it."""
+    return any(uri.endswith((".yaml", ".yml")) for uri in storage.list_files(folder_uri, s3))
+
+
 def missing_paths(task: "GenerationTask | ChoiceTask | ElboTask | LmEvalTask",
                   s3: storage.S3Settings | None = None) -> list[str]:
     """The task's own (not ``demo:``) files that do not exist; an lm-eval include path must hold
@@ -247,7 +252,7 @@ def missing_paths(task: "GenerationTask | ChoiceTask | ElboTask | LmEvalTask",
         if path.startswith(DEMO_PREFIX):
             continue
         if isinstance(task, LmEvalTask) and path == task.include_path:
-            if not [uri for uri in storage.list_files(path, s3) if uri.endswith((".yaml", ".yml"))]:
+            if not holds_task_yaml(path, s3):
                 missing.append(f"{path} (no task YAML in it)")
         elif not storage.exists(path, s3):
             missing.append(path)

@@ -149,40 +149,35 @@ def lm_eval_files(sets: dict[str, list[dict[str, Any]]], folder_path: str | None
     """
     import json
 
+    import yaml
+
     def data_file(task: str) -> str:
         name = f"{task}.jsonl"
         return f"{folder_path.rstrip('/')}/{name}" if folder_path else name
 
+    def task_yaml(task: str, **fields: Any) -> str:
+        config = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": data_file(task)}},
+                  "test_split": "test", **fields, "metadata": {"version": 1.0}}
+        return yaml.safe_dump(config, sort_keys=False)
+
+    def jsonl(rows: list[dict[str, Any]]) -> str:
+        return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+
     counting = [{"question": item["prompt"].rstrip(), "choices": item["choices"], "label": item["answer_index"]}
                 for item in sets[LM_EVAL_TASKS["llada_demo_counting"]]]
     reading = [{"question": item["prompt"], "answer": item["answer"]} for item in sets[LM_EVAL_TASKS["llada_demo_reading"]]]
-    files = {
-        "llada_demo_counting.jsonl": "".join(json.dumps(row, sort_keys=True) + "\n" for row in counting),
-        "llada_demo_reading.jsonl": "".join(json.dumps(row, sort_keys=True) + "\n" for row in reading),
-        "llada_demo_counting.yaml": (
-            "task: llada_demo_counting\n"
-            "dataset_path: json\n"
-            f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(data_file('llada_demo_counting'))}\n"
-            "test_split: test\n"
-            "output_type: multiple_choice\n"
-            "doc_to_text: question\n"
-            "doc_to_choice: choices\n"
-            "doc_to_target: label\n"
-            "target_delimiter: \" \"\n"
-            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-            "metadata:\n  version: 1.0\n"),
-        "llada_demo_reading.yaml": (
-            "task: llada_demo_reading\n"
-            "dataset_path: json\n"
-            f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(data_file('llada_demo_reading'))}\n"
-            "test_split: test\n"
-            "output_type: generate_until\n"
-            "doc_to_text: question\n"
-            "doc_to_target: answer\n"
-            "generation_kwargs:\n  until: [\".\", \"\\n\"]\n  max_gen_toks: 16\n  do_sample: false\n"
-            "filter_list:\n  - name: strip\n    filter:\n      - function: regex\n"
-            "        regex_pattern: \"^\\\\s*(.*?)\\\\s*$\"\n      - function: take_first\n"
-            "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-            "metadata:\n  version: 1.0\n"),
+    return {
+        "llada_demo_counting.jsonl": jsonl(counting),
+        "llada_demo_reading.jsonl": jsonl(reading),
+        "llada_demo_counting.yaml": task_yaml(
+            "llada_demo_counting", output_type="multiple_choice", doc_to_text="question", doc_to_choice="choices",
+            doc_to_target="label", target_delimiter=" ",
+            metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]),
+        "llada_demo_reading.yaml": task_yaml(
+            "llada_demo_reading", output_type="generate_until", doc_to_text="question", doc_to_target="answer",
+            generation_kwargs={"until": [".", "\n"], "max_gen_toks": 16, "do_sample": False},
+            # the continuation starts with the space before the answer: strip it before exact match
+            filter_list=[{"name": "strip", "filter": [{"function": "regex", "regex_pattern": r"^\s*(.*?)\s*$"},
+                                                      {"function": "take_first"}]}],
+            metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]),
     }
-    return files
