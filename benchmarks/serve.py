@@ -1,25 +1,30 @@
-"""Serving throughput and latency: completion tokens/s and p50/p99 request latency at 1, 4 and
-16 concurrent clients, with dynamic batching (max_batch_size 16) and without (1), in one run.
+"""Serving under real traffic: uniform vs mixed answer lengths, and overload, on one replica.
 
-Run: .venv/bin/python benchmarks/serve.py [--model micro|tiny] [--max-tokens 64] [--requests 48]
-     .venv/bin/python benchmarks/serve.py --cache dual   # the sampler's KV cache, as the shipped
-                                                        # serve configs deploy it (both modes)
-     .venv/bin/python benchmarks/serve.py --generate-only   # no Serve: generate() by batch size,
-                                                           # and batched == alone, on CUDA if present
+Run: .venv/bin/python benchmarks/serve.py                       # the demo's SFT checkpoint, laptop config
+     .venv/bin/python benchmarks/serve.py --checkpoint PATH/hf --config serve/configs/laptop.yaml
+     .venv/bin/python benchmarks/serve.py --seconds 20 --rounds 1   # shorter
 
-The whole stack runs on a local Ray (num_cpus=2): HTTP proxy, FastAPI ingress, one sampler
-replica (1 torch thread), and closed-loop clients (each sends its next request when the last
-one is answered) over HTTP on 127.0.0.1. Both modes serve the same random checkpoint with the
-same config except ``batching.max_batch_size``. Every request asks for exactly ``max_tokens``
-tokens (``ignore_eos``), greedy, one commit per step. Prints one JSON object per measurement
-and a summary table (mean batch: requests per generate call; model busy: the share of the wall
-time the replica spent in generate); the bar is batching >= 3x the tokens/s of no batching at
-16 clients.
+The whole stack runs on a local Ray (num_cpus=2): HTTP proxy, FastAPI ingress and one sampler
+replica deployed from the shipped laptop serve config (only the port changed), and closed-loop
+clients (each sends its next request when the last one is answered) over HTTP on 127.0.0.1.
+Clients are polite: after a 503 they wait the Retry-After the server sends.
 
-Models: ``micro`` (hidden 32, 2 layers, 4 experts, vocab 320) is dominated by per-operation
-overhead at batch 1, the regime of a GPU replica at small batch; ``tiny`` (the project's demo
-preset, hidden 128) is already compute-bound at batch 1 on a CPU, because a diffusion step
-runs the whole sequence, so batching there can only recover that overhead.
+Phases, each ``--seconds`` long, alternated ``--rounds`` times so that other work on the
+machine weighs on all alike:
+
+- ``uniform-16``: 16 clients, every request max_tokens 32;
+- ``mixed-16``: 16 clients, max_tokens drawn uniformly from {8, 16, 32, 64, 128};
+- ``uniform-64``: 64 clients (4x the replica's 16 ongoing requests: overload), max_tokens 32.
+
+Every request is a chat completion of a held-out demo question with ``ignore_eos`` and
+``early_stop: false``, so it costs exactly its max_tokens (an early stop would make long requests
+as cheap as short ones). Per phase: completion tokens/s and requests/s of the answered (200)
+requests (goodput), 503s, p50/p99 latency per max_tokens, the sampler's mean rows per round and
+model-busy share (its own counters), and where the CPU went (CPU seconds of the replica, the
+ingress, the proxy, the other Ray processes and the clients, from psutil).
+
+Bars (issue 19): mixed >= 0.8x uniform tokens/s; 8-token p50 under mixed traffic <= 0.5x the
+128-token p50; goodput at 64 clients >= 0.8x goodput at 16. Ends with one JSON line of these.
 """
 
 from __future__ import annotations
@@ -29,12 +34,16 @@ import concurrent.futures
 import json
 import os
 import platform
+import random
 import statistics
 import sys
-import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
+import psutil
 import requests
 import torch
 
@@ -42,26 +51,21 @@ import torch
 # project's packages import and no file here can shadow a standard-library module.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from llada_core import LLaDAMoEModelLM, preset, save_model  # noqa: E402
-from pipelines.tokenizer import save_tokenizer, train_bpe  # noqa: E402
-
-MODELS = {
-    "micro": dict(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                  expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, max_position_embeddings=512),
-    "tiny": dict(vocab_size=320, max_position_embeddings=512),
-}
-TEXTS = ["the cat sat on the mat", "a dog ran in the park", "one two three four five six seven eight",
-         "she sells sea shells by the sea shore"] * 10
-PROMPTS = ["the cat sat on the mat and then", "a dog", "one two three four", "she sells sea shells by the"]
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RUN = ROOT / "runs" / "tiny-cpu"
+MIXED_LENGTHS = (8, 16, 32, 64, 128)
+UNIFORM_LENGTH = 32
+QUESTIONS = ["where does the red fox sleep?", "what does the dog do?", "who sells shells?", "count to five.",
+             "what colour is the sky?", "where is the cat?", "what does the bird eat?", "who reads the book?"]
+PHASES = (("uniform-16", 16, False), ("mixed-16", 16, True), ("uniform-64", 64, False))
 
 
-def build_checkpoint(directory: Path, model_name: str) -> str:
-    tokenizer = train_bpe(TEXTS, vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
-    model = LLaDAMoEModelLM(preset("tiny", **MODELS[model_name])).eval()
-    save_model(model, directory)
-    save_tokenizer(tokenizer, str(directory))
-    return str(directory)
+def demo_checkpoint(run: Path) -> str:
+    """The hf/ folder of the checkpoint the demo's SFT stage selected."""
+    record = run / "stages" / "sft" / "selection.json"
+    if not record.exists():
+        raise SystemExit(f"{record} does not exist: run `make demo` first, or pass --checkpoint")
+    return json.loads(record.read_text())["checkpoint"]["hf_uri"]
 
 
 def free_port() -> int:
@@ -72,157 +76,204 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def deploy(checkpoint: str, port: int, name: str, max_batch_size: int, batch_wait_s: float,
-           cache: str | None = None) -> str:
-    """Deploy one app under /{name}; returns its base URL."""
+def deploy(checkpoint: str, config_path: str, port: int) -> str:
     from serve.app import run
-    from serve.config import AppArgs
+    from serve.config import AppArgs, load_serve_config
 
-    run(AppArgs.model_validate({"checkpoint": checkpoint, "config": {
-        "model_name": "bench", "port": port, "request_timeout_s": 600,
-        "sampling": {"cache": cache, "threshold": None, "early_stop": False},  # one commit per step, as recorded
-        "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_s},
-        "replica": {"num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 32, "max_queued_requests": -1},
-        "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}), name=name, route_prefix=f"/{name}")
-    base = f"http://127.0.0.1:{port}/{name}"
-    deadline = time.time() + 120
-    while requests.get(f"{base}/ready", timeout=10).status_code != 200:
+    config = load_serve_config(config_path, {"port": port})
+    run(AppArgs(checkpoint=checkpoint, config=config))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while requests.get(f"{base}/ready", timeout=30).status_code != 200:
         if time.time() > deadline:
             raise TimeoutError("the app did not become ready")
         time.sleep(0.5)
     return base
 
 
-def measure(base: str, clients: int, num_requests: int, max_tokens: int, block_length: int) -> dict:
-    """Closed loop: ``clients`` threads share ``num_requests`` requests."""
-    url = f"{base}/v1/completions"
-    per_client = max(1, num_requests // clients)
+def ray_processes() -> dict[str, list[int]]:
+    """PIDs of the serving actors by role (Ray titles its worker processes ``ray::<actor>``), and
+    of the rest of Ray on this machine."""
+    roles: dict[str, list[int]] = defaultdict(list)
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "LLaDASampler" in cmdline:
+            roles["replica"].append(process.info["pid"])
+        elif "OpenAIIngress" in cmdline:
+            roles["ingress"].append(process.info["pid"])
+        elif "ProxyActor" in cmdline:
+            roles["proxy"].append(process.info["pid"])
+        elif process.info["pid"] != os.getpid() and ("ray::" in cmdline or "gcs_server" in cmdline or "raylet" in cmdline
+                                                      or "ray/_private" in cmdline or "ray/dashboard" in cmdline):
+            roles["ray (other)"].append(process.info["pid"])
+    roles["clients"] = [os.getpid()]
+    return dict(roles)
 
-    def client(index: int) -> list[tuple[float, int]]:
-        session, results = requests.Session(), []
-        for number in range(per_client):
-            body = {"model": "bench", "prompt": PROMPTS[(index + number) % len(PROMPTS)], "max_tokens": max_tokens,
-                    "block_length": block_length, "ignore_eos": True}
+
+def cpu_seconds(roles: dict[str, list[int]]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for role, pids in roles.items():
+        total = 0.0
+        for pid in pids:
+            try:
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        totals[role] = total
+    return totals
+
+
+def run_phase(base: str, name: str, clients: int, mixed: bool, seconds: float, seed: int) -> dict[str, Any]:
+    """Closed-loop clients for ``seconds``; -> the answered requests and the rejections."""
+    url = f"{base}/v1/chat/completions"
+    stop_at = time.perf_counter() + seconds
+    lock = threading.Lock()
+    answered: list[tuple[int, float, int]] = []  # (max_tokens, latency, completion tokens)
+    rejected: list[float] = []
+    errors: list[str] = []
+
+    def client(index: int) -> None:
+        rng = random.Random(seed * 1000 + index)
+        session = requests.Session()
+        while time.perf_counter() < stop_at:
+            max_tokens = rng.choice(MIXED_LENGTHS) if mixed else UNIFORM_LENGTH
+            body = {"model": "llada-moe", "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}],
+                    "max_tokens": max_tokens, "ignore_eos": True, "early_stop": False}
             started = time.perf_counter()
-            response = session.post(url, json=body, timeout=600)
-            response.raise_for_status()
-            results.append((time.perf_counter() - started, response.json()["usage"]["completion_tokens"]))
-        return results
+            try:
+                response = session.post(url, json=body, timeout=600)
+            except requests.RequestException as error:
+                with lock:
+                    errors.append(type(error).__name__)
+                continue
+            latency = time.perf_counter() - started
+            if response.status_code == 200:
+                tokens = response.json()["usage"]["completion_tokens"]
+                with lock:
+                    answered.append((max_tokens, latency, tokens))
+            elif response.status_code == 503:
+                with lock:
+                    rejected.append(latency)
+                time.sleep(float(response.headers.get("Retry-After", "1")))
+            else:
+                with lock:
+                    errors.append(f"{response.status_code}: {response.text[:200]}")
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = [item for batch in pool.map(client, range(clients)) for item in batch]
+        list(pool.map(client, range(clients)))
     wall = time.perf_counter() - started
-    latencies = sorted(latency for latency, _ in results)
-    tokens = sum(count for _, count in results)
-    return {"clients": clients, "requests": len(results), "completion_tokens": tokens, "seconds": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 1), "p50_s": round(statistics.median(latencies), 3),
-            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3)}
+    return {"phase": name, "clients": clients, "wall": wall, "answered": answered, "rejected": rejected,
+            "errors": errors}
 
 
-def generate_only() -> None:
-    """generate() tokens/s by batch size, and whether a left-padded batch equals each request
-    alone (greedy), for the tiny and small presets in float32 and bfloat16 (no Ray, no Serve)."""
-    from llada_core import SamplingOptions, generate
-    from serve.batching import SampleRequest, sample_group
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for name in ("tiny", "small"):
-        for dtype in (torch.float32, torch.bfloat16):
-            torch.manual_seed(0)
-            model = LLaDAMoEModelLM(preset(name)).to(device, dtype).eval()
-            generator = torch.Generator().manual_seed(1)
-            requests_ = [SampleRequest(str(i), tuple(torch.randint(5, model.config.vocab_size, (length,),
-                                                                   generator=generator).tolist()),
-                                       max_tokens, SamplingOptions(gen_length=32, steps=32, block_length=16))
-                         for i, (length, max_tokens) in enumerate([(3, 20), (17, 32), (9, 25), (30, 32), (1, 18),
-                                                                    (12, 30), (25, 21), (7, 32)])]
-            batched = sample_group(model, requests_)
-            equal = sum(row == sample_group(model, [single])[0] for row, single in zip(batched, requests_, strict=True))
-            print(json.dumps({"model": name, "dtype": str(dtype), "device": str(device),
-                              "rows_equal_alone": equal, "rows": len(requests_)}), flush=True)
-            for batch in (1, 4, 16, 64):
-                prompt = torch.randint(5, model.config.vocab_size, (batch, 32), device=device)
-                generate(model, prompt, steps=16, gen_length=128, block_length=32)  # warm-up
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
-                generate(model, prompt, steps=128, gen_length=128, block_length=32)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - started
-                print(json.dumps({"model": name, "dtype": str(dtype), "batch": batch,
-                                  "tokens_per_s": round(batch * 128 / seconds, 1)}), flush=True)
+
+def summarize(result: dict[str, Any], stats_delta: dict[str, float], cpu: dict[str, float]) -> dict[str, Any]:
+    wall, answered = result["wall"], result["answered"]
+    tokens = sum(count for _, _, count in answered)
+    by_length: dict[int, list[float]] = defaultdict(list)
+    for max_tokens, latency, _ in answered:
+        by_length[max_tokens].append(latency)
+    rounds = stats_delta["rounds"]
+    return {
+        "phase": result["phase"], "clients": result["clients"], "seconds": round(wall, 1),
+        "answered": len(answered), "rejected_503": len(result["rejected"]), "errors": len(result["errors"]),
+        "error_samples": result["errors"][:3],
+        "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(answered) / wall, 2),
+        "p50_s": round(statistics.median([lat for _, lat, _ in answered]), 3) if answered else None,
+        "p50_s_by_length": {n: round(statistics.median(v), 3) for n, v in sorted(by_length.items())},
+        "p99_s_by_length": {n: round(percentile(v, 0.99), 3) for n, v in sorted(by_length.items())},
+        "p50_503_s": round(statistics.median(result["rejected"]), 3) if result["rejected"] else None,
+        "mean_rows": round(stats_delta["row_rounds"] / rounds, 2) if rounds else 0.0,
+        "model_busy": round(stats_delta["model_seconds"] / wall, 2),
+        "cpu_s": {role: round(value, 1) for role, value in cpu.items()},
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="micro")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (one commit per step)")
-    parser.add_argument("--block-length", type=int, default=8, help="tokens per semi-autoregressive block")
-    parser.add_argument("--requests", type=int, default=48, help="requests per measurement")
-    parser.add_argument("--batch-wait", type=float, default=0.05, help="batching.batch_wait_timeout_s")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--cache", choices=["prefix", "dual"],
-                        help="the sampler's KV cache for both modes (serve config sampling.cache; default none)")
-    parser.add_argument("--generate-only", action="store_true", help="measure generate() alone (see above)")
+    parser.add_argument("--checkpoint", help="hf/ folder to serve (default: the demo's selected SFT checkpoint)")
+    parser.add_argument("--config", default=str(ROOT / "serve" / "configs" / "laptop.yaml"), help="serve config")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
+    parser.add_argument("--rounds", type=int, default=2, help="times the three phases are alternated")
+    parser.add_argument("--phases", nargs="+", choices=[name for name, _, _ in PHASES],
+                        default=[name for name, _, _ in PHASES], help="run only these phases (no bars then)")
     args = parser.parse_args()
-    if args.generate_only:
-        generate_only()
-        return 0
+    checkpoint = args.checkpoint or demo_checkpoint(DEFAULT_RUN)
 
     import ray
     from ray import serve
 
-    from serve.app import SAMPLER_NAME
+    from serve.app import SAMPLER_NAME, APP_NAME
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="llada-serve-bench-") as directory:
-        checkpoint = build_checkpoint(Path(directory), args.model)
-        port = free_port()
-        # Both apps are up at once (one replica each) and measured alternately, so that the
-        # other work on a shared machine weighs on both modes alike.
-        bases = {mode: deploy(checkpoint, port, name, max_batch_size, args.batch_wait, args.cache)
-                 for mode, name, max_batch_size in (("batching", "batched", 16), ("no batching", "unbatched", 1))}
-        for base in bases.values():
-            measure(base, 4, 8, args.max_tokens, args.block_length)  # warm-up
-        samplers = {mode: serve.get_deployment_handle(SAMPLER_NAME, app_name=name)
-                     for mode, name in (("batching", "batched"), ("no batching", "unbatched"))}
-        for clients in args.concurrency:
-            for mode, base in bases.items():
-                num_requests = max(args.requests if clients > 1 else args.requests // 4, clients)
-                seen = len(samplers[mode].batch_sizes.remote().result())
-                row = {"mode": mode, "model": args.model, "max_tokens": args.max_tokens, "cache": args.cache,
-                       "block_length": args.block_length,
-                       **measure(base, clients, num_requests, args.max_tokens, args.block_length)}
-                sizes = samplers[mode].batch_sizes.remote().result()[seen:]
-                seconds = samplers[mode].batch_seconds.remote().result()[seen:]
-                row["mean_batch"] = round(statistics.mean(sizes), 2)
-                row["batch_sizes"] = sizes
-                row["model_share"] = round(sum(seconds) / row["seconds"], 2)  # replica busy in generate()
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-        serve.shutdown()
+    base = deploy(checkpoint, args.config, free_port())
+    sampler = serve.get_deployment_handle(SAMPLER_NAME, app_name=APP_NAME)
+    roles = ray_processes()
+    run_phase(base, "warm-up", 4, True, 5.0, seed=0)
+    rows: list[dict[str, Any]] = []
+    for round_index in range(args.rounds):
+        for name, clients, mixed in (phase for phase in PHASES if phase[0] in args.phases):
+            before, cpu_before = sampler.stats.remote().result(), cpu_seconds(roles)
+            result = run_phase(base, name, clients, mixed, args.seconds, seed=round_index + 1)
+            after, cpu_after = sampler.stats.remote().result(), cpu_seconds(roles)
+            delta = {key: after[key] - before[key] for key in ("rounds", "row_rounds", "model_seconds")}
+            row = summarize(result, delta, {role: cpu_after[role] - cpu_before[role] for role in roles})
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    serve.shutdown()
     ray.shutdown()
-    print_summary(rows, args)
-    return 0
+    return report(rows, args, checkpoint)
 
 
-def print_summary(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"load average {os.getloadavg()[0]:.2f}; model {args.model}, {args.max_tokens} tokens/request, "
-          f"block_length {args.block_length}, cache {args.cache or 'none'}")
-    print("| mode | clients | requests | tokens/s | p50 latency s | p99 latency s | mean batch | model busy |")
-    print("|---|---|---|---|---|---|---|---|")
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, checkpoint: str) -> int:
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, load average "
+          f"{os.getloadavg()[0]:.2f} at the end; checkpoint {checkpoint}; config {args.config}; "
+          f"{args.rounds} x {args.seconds:g} s per phase")
+    roles = sorted({role for row in rows for role in row["cpu_s"]})
+    print("| phase | clients | tokens/s | requests/s | 503s | p50 s | mean rows | model busy | "
+          + " | ".join(f"CPU-s {role}" for role in roles) + " |")
+    print("|---" * (8 + len(roles)) + "|")
     for row in rows:
-        print(f"| {row['mode']} | {row['clients']} | {row['requests']} | {row['tokens_per_s']} | "
-              f"{row['p50_s']} | {row['p99_s']} | {row['mean_batch']} | {row['model_share']:.0%} |")
-    by_mode = {(row["mode"], row["clients"]): row["tokens_per_s"] for row in rows}
-    for clients in args.concurrency:
-        ratio = by_mode[("batching", clients)] / by_mode[("no batching", clients)]
-        bar = f" (bar 3x: {'met' if ratio >= 3 else 'NOT met'})" if clients == 16 else ""
-        print(f"{clients} clients: batching / no batching = {ratio:.2f}x{bar}")
+        print(f"| {row['phase']} | {row['clients']} | {row['tokens_per_s']} | {row['requests_per_s']} | "
+              f"{row['rejected_503']} | {row['p50_s']} | {row['mean_rows']} | {row['model_busy']:.0%} | "
+              + " | ".join(str(row["cpu_s"].get(role, 0.0)) for role in roles) + " |")
+
+    if set(args.phases) != {name for name, _, _ in PHASES}:
+        return 0
+
+    def mean_of(phase: str, key: str) -> float:
+        return statistics.mean(row[key] for row in rows if row["phase"] == phase)
+
+    mixed_p50: dict[int, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["phase"] == "mixed-16":
+            for length, value in row["p50_s_by_length"].items():
+                mixed_p50[int(length)].append(value)
+    print("mixed-16 p50 / p99 s by max_tokens: " + ", ".join(
+        f"{length}: {statistics.mean(values):.2f} / "
+        f"{statistics.mean(r['p99_s_by_length'][length] for r in rows if r['phase'] == 'mixed-16'):.2f}"
+        for length, values in sorted(mixed_p50.items())))
+    figures = {
+        "mixed_vs_uniform_tokens_per_s": round(mean_of("mixed-16", "tokens_per_s") / mean_of("uniform-16", "tokens_per_s"), 3),
+        "p50_8_vs_128_mixed": round(statistics.mean(mixed_p50[8]) / statistics.mean(mixed_p50[128]), 3),
+        "goodput_64_vs_16": round(mean_of("uniform-64", "tokens_per_s") / mean_of("uniform-16", "tokens_per_s"), 3),
+        "uniform_16_tokens_per_s": round(mean_of("uniform-16", "tokens_per_s"), 1),
+        "mixed_16_tokens_per_s": round(mean_of("mixed-16", "tokens_per_s"), 1),
+        "uniform_64_tokens_per_s": round(mean_of("uniform-64", "tokens_per_s"), 1),
+        "errors": sum(row["errors"] for row in rows),
+    }
+    bars = {"mixed_vs_uniform_tokens_per_s": figures["mixed_vs_uniform_tokens_per_s"] >= 0.8,
+            "p50_8_vs_128_mixed": figures["p50_8_vs_128_mixed"] <= 0.5,
+            "goodput_64_vs_16": figures["goodput_64_vs_16"] >= 0.8}
+    print("bars: " + ", ".join(f"{name} {'met' if met else 'NOT met'}" for name, met in bars.items()))
+    print(json.dumps({**figures, "bars_met": all(bars.values())}))
+    return 0
 
 
 if __name__ == "__main__":

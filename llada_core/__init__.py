@@ -10,9 +10,18 @@ from llada_core.config import PRESETS, LLaDAMoEConfig, count_parameters, preset
 from llada_core.likelihood import choose, elbo_nll, elbo_nll_batched, elbo_nll_choices
 from llada_core.model import KVCache, LLaDAMoEModelLM, ModelOutput
 from llada_core.options import FAST_OPTIONS, SamplingOptions
-from llada_core.sampling import DEFAULT_FAST_OPTIONS, CommittedBlocks, generate, left_pad, num_transfer_tokens
+from llada_core.sampling import (
+    DEFAULT_FAST_OPTIONS,
+    BlockRow,
+    CommittedBlocks,
+    generate,
+    left_pad,
+    next_blocks,
+    num_transfer_tokens,
+)
 
 __all__ = [
+    "BlockRow",
     "CheckpointError",
     "CommittedBlocks",
     "DEFAULT_FAST_OPTIONS",
@@ -27,6 +36,7 @@ __all__ = [
     "elbo_nll_choices",
     "generate",
     "left_pad",
+    "next_blocks",
     "load_config",
     "load_model",
     "num_transfer_tokens",

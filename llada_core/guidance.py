@@ -11,12 +11,19 @@ import torch
 
 
 def with_unconditional_rows(
-    ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None, prompt_length: int, mask_id: int
+    ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None, prompt: int | torch.Tensor, mask_id: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The batch followed by its unconditional copy (prompt positions set to MASK) -> ([2B, L],
-    mask [2B, L] or None), so both passes run in one forward."""
+    mask [2B, L] or None), so both passes run in one forward.
+
+    ``prompt`` is the prompt's length (the first columns of every row) or a bool [B, L] of the
+    prompt positions, for batches whose rows have their prompts at different columns.
+    """
     unconditional_BL = ids_BL.clone()
-    unconditional_BL[:, :prompt_length] = mask_id
+    if isinstance(prompt, torch.Tensor):
+        unconditional_BL[prompt] = mask_id
+    else:
+        unconditional_BL[:, :prompt] = mask_id
     both_mask = None if attention_mask_BL is None else torch.cat([attention_mask_BL, attention_mask_BL])
     return torch.cat([ids_BL, unconditional_BL]), both_mask
 

@@ -11,7 +11,9 @@ KV cache (for fast diffusion sampling, LLADA_SPEC section 6): a full forward wit
 ``use_cache=True`` returns every layer's keys (RoPE applied at their absolute positions) and
 values. A later forward of a contiguous span of that sequence (``past_key_values=cache,
 cache_start=i``) recomputes only the span: its keys/values overwrite the cache's entries there
-and its queries attend over the whole cached sequence. Because attention is bidirectional,
+and its queries attend over the whole cached sequence (``cache_start`` may also be one start
+per row, an int64 [B], for batches whose rows recompute spans at different positions).
+Because attention is bidirectional,
 this equals a full forward only while nothing outside the span has changed since the cache
 was built; the sampler decides when that approximation is good enough.
 """
@@ -136,12 +138,13 @@ class Attention(nn.Module):
     def forward(
         self, x_BLD: torch.Tensor, cos_BLD: torch.Tensor, sin_BLD: torch.Tensor,
         key_mask_B11L: torch.Tensor | None,
-        cached_kv: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        cached_kv: tuple[torch.Tensor, torch.Tensor, int | torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (output [B, L, D], keys [B, Hk, L, Dh] with RoPE, values [B, Hk, L, Dh]).
 
         ``cached_kv`` = (keys [B, Hk, Lk, Dh], values, start): x is the span [start, start + L)
-        of the cached sequence; its keys/values are written there and the queries attend to all Lk.
+        of the cached sequence (start: an int, or one per row [B]); its keys/values are written
+        there and the queries attend to all Lk.
         """
         b, length, _ = x_BLD.shape
         q_BHLD = self.q_norm(self.q_proj(x_BLD).view(b, length, self.num_heads, self.head_dim)).transpose(1, 2)
@@ -151,8 +154,14 @@ class Attention(nn.Module):
         keys_BHLD, values_BHLD = k_BHLD, v_BHLD  # Lk = L without a cache
         if cached_kv is not None:
             keys_BHLD, values_BHLD, start = cached_kv
-            keys_BHLD[:, :, start:start + length] = k_BHLD
-            values_BHLD[:, :, start:start + length] = v_BHLD
+            if isinstance(start, torch.Tensor):  # per row: [B, 1] x [B, L] index the (B, Lk) dims
+                rows_B1 = torch.arange(b, device=start.device)[:, None]
+                span_BL = start[:, None] + torch.arange(length, device=start.device)
+                keys_BHLD[rows_B1, :, span_BL] = k_BHLD.transpose(1, 2)
+                values_BHLD[rows_B1, :, span_BL] = v_BHLD.transpose(1, 2)
+            else:
+                keys_BHLD[:, :, start:start + length] = k_BHLD
+                values_BHLD[:, :, start:start + length] = v_BHLD
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
             keys_BHLD, values_BHLD = keys_BHLD.repeat_interleave(repeat, 1), values_BHLD.repeat_interleave(repeat, 1)
@@ -366,8 +375,8 @@ class LLaDAMoEModelLM(nn.Module):
         *,
         use_cache: bool = False,
         past_key_values: KVCache | None = None,
-        cache_start: int | None = None,
-        logits_slice: slice | None = None,
+        cache_start: int | torch.Tensor | None = None,
+        logits_slice: slice | torch.Tensor | None = None,
         hidden_only: bool = False,
     ) -> ModelOutput:
         """input_ids [B, L]; attention_mask [B, L] (1 = token, 0 = padding, which no query attends
@@ -379,8 +388,10 @@ class LLaDAMoEModelLM(nn.Module):
             the cached sequence; only the span is computed, against the cache's keys/values
             elsewhere (padding mask and positions come from the cache, so attention_mask must be
             None). The span's keys/values are written into the cache, which is returned.
+            cache_start may be one start per row (int64 [B]).
         logits_slice: compute logits only at these positions of input_ids (the final norm and
-            lm_head are the largest per-token cost at a large vocabulary).
+            lm_head are the largest per-token cost at a large vocabulary): a slice, or the
+            positions of each row (int64 [B, X]).
         hidden_only: return the final hidden states instead of logits (training computes the
             lm_head and cross-entropy only at the masked positions, llada_core.losses).
         """
@@ -412,7 +423,9 @@ class LLaDAMoEModelLM(nn.Module):
             if use_cache and past_key_values is None:
                 keys.append(k_BHLD)
                 values.append(v_BHLD)
-        if logits_slice is not None:
+        if isinstance(logits_slice, torch.Tensor):
+            h_BLD = h_BLD.gather(1, logits_slice[..., None].expand(-1, -1, h_BLD.shape[-1]))
+        elif logits_slice is not None:
             h_BLD = h_BLD[:, logits_slice]
         cache = past_key_values
         if cache is None and use_cache:
@@ -452,14 +465,25 @@ class LLaDAMoEModelLM(nn.Module):
         batch, length = input_ids.shape
         if attention_mask is not None:
             raise ValueError("attention_mask: with past_key_values the cache's padding mask is used; pass None")
+        if cache.position_ids.shape[0] != batch:
+            raise ValueError(f"past_key_values: cached batch {cache.position_ids.shape[0]} != input batch {batch}")
+        if isinstance(cache_start, torch.Tensor):
+            if cache_start.shape != (batch,) or cache_start.dtype != torch.long:
+                raise ValueError(f"cache_start: per-row starts must be int64 [{batch}], got "
+                                 f"{cache_start.dtype} {tuple(cache_start.shape)}")
+            if bool((cache_start < 0).any()) or int(cache_start.max()) + length > cache.length:
+                raise ValueError(f"cache_start: a span of {length} from {cache_start.tolist()} is outside the "
+                                 f"cached {cache.length} positions")
+            if position_ids is None:
+                span_BL = cache_start[:, None] + torch.arange(length, device=cache_start.device)
+                position_ids = cache.position_ids.expand(batch, -1).gather(1, span_BL)
+            return cache.key_mask_B11L, position_ids
         if isinstance(cache_start, bool) or not isinstance(cache_start, int):
             raise ValueError(f"cache_start: an int is required with past_key_values, got {cache_start!r}")
         if cache_start < 0 or cache_start + length > cache.length:
             raise ValueError(
                 f"cache_start: span [{cache_start}, {cache_start + length}) is outside the cached {cache.length} positions"
             )
-        if cache.position_ids.shape[0] != batch:
-            raise ValueError(f"past_key_values: cached batch {cache.position_ids.shape[0]} != input batch {batch}")
         if position_ids is None:
             position_ids = cache.position_ids[:, cache_start:cache_start + length]
         return cache.key_mask_B11L, position_ids

@@ -100,18 +100,22 @@ class CommittedBlocks:
 BlockCallback = Callable[[CommittedBlocks], None]
 
 
-def num_transfer_tokens(num_masked_B: torch.Tensor, steps: int) -> torch.Tensor:
-    """How many tokens to commit at each of ``steps`` sampling steps -> [B, steps] int64.
+def num_transfer_tokens(num_masked_B: torch.Tensor, steps: int | torch.Tensor) -> torch.Tensor:
+    """How many tokens to commit at each of ``steps`` sampling steps -> [B, S] int64.
 
     LLaDA's noise schedule is linear in t, so equal time intervals unmask equal expected counts:
     every step commits ``n // steps`` tokens and the first ``n % steps`` steps one more
     (e.g. 10 masks over 4 steps -> 3, 3, 2, 2). Each row sums to its ``n``.
+
+    ``steps`` may differ per row (an int64 [B], for batches of requests with their own step
+    counts): S is then the largest, and a row's steps past its own commit nothing.
     """
     num_masked_B = num_masked_B.long()
-    base_B1 = (num_masked_B // steps)[:, None]
-    remainder_B1 = (num_masked_B % steps)[:, None]
-    step_index_1S = torch.arange(steps, device=num_masked_B.device)[None, :]
-    return base_B1 + (step_index_1S < remainder_B1).long()
+    steps_B1 = torch.as_tensor(steps, device=num_masked_B.device).long().expand(num_masked_B.shape)[:, None]
+    base_B1 = num_masked_B[:, None] // steps_B1
+    remainder_B1 = num_masked_B[:, None] % steps_B1
+    step_index_1S = torch.arange(int(steps_B1.max()), device=num_masked_B.device)[None, :]
+    return (base_B1 + (step_index_1S < remainder_B1).long()) * (step_index_1S < steps_B1).long()
 
 
 def gumbel_max_scores(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -189,15 +193,15 @@ def model_logits(
     model: nn.Module,
     x_BL: torch.Tensor,
     attention_mask_BL: torch.Tensor | None,
-    prompt_length: int,
+    prompt: int | torch.Tensor,
     cfg_scale: float,
     mask_id: int,
 ) -> torch.Tensor:
     """Logits of the mask predictor [B, L, V], with classifier-free guidance when cfg_scale > 0
-    (both passes in one forward; llada_core.guidance)."""
+    (both passes in one forward; llada_core.guidance; ``prompt`` as it takes it)."""
     if cfg_scale == 0:
         return model(x_BL, attention_mask=attention_mask_BL).logits
-    both_BL, both_mask = with_unconditional_rows(x_BL, attention_mask_BL, prompt_length, mask_id)
+    both_BL, both_mask = with_unconditional_rows(x_BL, attention_mask_BL, prompt, mask_id)
     return guided(model(both_BL, attention_mask=both_mask).logits, cfg_scale)
 
 
@@ -205,12 +209,40 @@ def _ids(token_id: int | None, device: torch.device) -> torch.Tensor:
     return torch.tensor([] if token_id is None else [token_id], dtype=torch.long, device=device)
 
 
+@dataclass(frozen=True)
+class RowBlocks:
+    """Each row's current block at its own columns (continuous batching, :func:`next_blocks`):
+    row b's block is ``[starts_B[b], starts_B[b] + length)``. Where every row's block is in the
+    same columns, the sampler takes a ``slice`` instead."""
+
+    starts_B: torch.Tensor
+    length: int
+
+    @property
+    def columns_BK(self) -> torch.Tensor:
+        return self.starts_B[:, None] + torch.arange(self.length, device=self.starts_B.device)
+
+
+Block = slice | RowBlocks
+
+
+def _read_block(x_BL: torch.Tensor, block: Block) -> torch.Tensor:
+    return x_BL[:, block] if isinstance(block, slice) else x_BL.gather(1, block.columns_BK)
+
+
+def _write_block(x_BL: torch.Tensor, block: Block, values_BK: torch.Tensor) -> None:
+    if isinstance(block, slice):
+        x_BL[:, block] = values_BK
+    else:
+        x_BL.scatter_(1, block.columns_BK, values_BK)
+
+
 def cached_block_logits(
     model: nn.Module,
     x_BL: torch.Tensor,
     attention_mask_BL: torch.Tensor | None,
-    block: slice,
-    prompt_length: int,
+    block: Block,
+    prompt: int | torch.Tensor,
     run: Resolved,
     kv_cache: KVCache | None,
 ) -> tuple[torch.Tensor, KVCache]:
@@ -221,22 +253,31 @@ def cached_block_logits(
     of the other positions. Those were computed at the block's first step, so they have not seen
     the tokens committed since then: that staleness is the approximation, refreshed by the next
     block's full forward. Classifier-free guidance caches the unconditional rows as well; they
-    differ from the conditional ones only in the prompt, which is never recomputed.
+    differ from the conditional ones only in the prompt, which is never recomputed. Blocks at
+    per-row columns (:class:`RowBlocks`) take the dual cache only.
     """
     options = run.options
     is_guided = options.cfg_scale > 0
-    block_length = block.stop - block.start
+    rows = 2 if is_guided else 1  # the unconditional copy follows the batch
+
+    def per_row(value: torch.Tensor) -> torch.Tensor:
+        return torch.cat([value] * rows)
+
     if kv_cache is None:
         ids_BL, mask_BL = x_BL, attention_mask_BL
         if is_guided:
-            ids_BL, mask_BL = with_unconditional_rows(x_BL, attention_mask_BL, prompt_length, run.mask_id)
-        out = model(ids_BL, attention_mask=mask_BL, use_cache=True, logits_slice=block)
+            ids_BL, mask_BL = with_unconditional_rows(x_BL, attention_mask_BL, prompt, run.mask_id)
+        where = block if isinstance(block, slice) else per_row(block.columns_BK)
+        out = model(ids_BL, attention_mask=mask_BL, use_cache=True, logits_slice=where)
+    elif isinstance(block, RowBlocks):
+        if options.cache != "dual":
+            raise ValueError(f"cache: blocks at per-row positions need the dual cache, not {options.cache!r}")
+        out = model(per_row(_read_block(x_BL, block)), past_key_values=kv_cache, cache_start=per_row(block.starts_B),
+                    logits_slice=slice(0, block.length))
     else:
         stop = x_BL.shape[1] if options.cache == "prefix" else block.stop
-        span_BL = x_BL[:, block.start:stop]
-        if is_guided:
-            span_BL = torch.cat([span_BL, span_BL])
-        out = model(span_BL, past_key_values=kv_cache, cache_start=block.start, logits_slice=slice(0, block_length))
+        out = model(per_row(x_BL[:, block.start:stop]), past_key_values=kv_cache, cache_start=block.start,
+                    logits_slice=slice(0, block.stop - block.start))
     logits_BKV = guided(out.logits, options.cfg_scale) if is_guided else out.logits
     return logits_BKV, out.past_key_values
 
@@ -245,35 +286,43 @@ def _denoise_block(
     model: nn.Module,
     x_BL: torch.Tensor,
     attention_mask_BL: torch.Tensor | None,
-    block: slice,
-    prompt_length: int,
+    block: Block,
+    prompt: int | torch.Tensor,
     run: Resolved,
     generator: torch.Generator | None,
-) -> int:
-    """Run the sampling steps of one block, committing into ``x_BL`` in place -> steps run.
+    steps_per_block_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the sampling steps of one block, committing into ``x_BL`` in place -> the forwards
+    each row needed [B] (those in which it still had masked positions in the block).
 
-    Fixed schedule: ``steps_per_block`` steps. Threshold: until no position of the block is
-    masked (at most K steps, as each step commits at least one per row).
+    Fixed schedule: ``steps_per_block`` steps, or each row's own ``steps_per_block_B`` (a row
+    whose steps are over commits nothing more). Threshold: until no position of the block is
+    masked (at most K steps, as each step commits at least one per row). ``block``: the same
+    columns in every row (a slice), or each row's own (:class:`RowBlocks`). ``prompt``: the
+    prompt's length, or its positions per row (bool [B, L]), for classifier-free guidance.
     """
     options = run.options
     schedule_BS = None
     if options.threshold is None:
-        schedule_BS = num_transfer_tokens((x_BL[:, block] == run.mask_id).sum(-1), options.steps_per_block)
+        steps = options.steps_per_block if steps_per_block_B is None else steps_per_block_B
+        schedule_BS = num_transfer_tokens((_read_block(x_BL, block) == run.mask_id).sum(-1), steps)
     kv_cache = None
     sampling_step = 0
+    forwards_B = torch.zeros(x_BL.shape[0], dtype=torch.long, device=x_BL.device)
     while True:
-        still_masked_BK = x_BL[:, block] == run.mask_id
-        done = sampling_step == options.steps_per_block if schedule_BS is not None else not still_masked_BK.any()
+        block_BK = _read_block(x_BL, block)
+        still_masked_BK = block_BK == run.mask_id
+        done = sampling_step == schedule_BS.shape[1] if schedule_BS is not None else not still_masked_BK.any()
         if done:
-            return sampling_step
-        if options.cache is None:
-            logits_BKV = model_logits(
-                model, x_BL, attention_mask_BL, prompt_length, options.cfg_scale, run.mask_id
-            )[:, block]
+            return forwards_B
+        forwards_B += still_masked_BK.any(-1).long()
+        if options.cache is not None:
+            logits_BKV, kv_cache = cached_block_logits(model, x_BL, attention_mask_BL, block, prompt, run, kv_cache)
+        elif isinstance(block, slice):
+            logits_BKV = model_logits(model, x_BL, attention_mask_BL, prompt, options.cfg_scale, run.mask_id)[:, block]
         else:
-            logits_BKV, kv_cache = cached_block_logits(
-                model, x_BL, attention_mask_BL, block, prompt_length, run, kv_cache
-            )
+            logits_BLV = model_logits(model, x_BL, attention_mask_BL, prompt, options.cfg_scale, run.mask_id)
+            logits_BKV = logits_BLV.gather(1, block.columns_BK[..., None].expand(-1, -1, logits_BLV.shape[-1]))
         predicted_BK, confidence_BK = predict(logits_BKV, run, generator)
         confidence_BK = confidence_BK.masked_fill(~still_masked_BK, -math.inf)
         if schedule_BS is not None:
@@ -282,7 +331,7 @@ def _denoise_block(
             num_to_commit_B = threshold_counts(confidence_BK, options.threshold)
         commit_BK = select_top_k(confidence_BK, num_to_commit_B)
         assert not (commit_BK & ~still_masked_BK).any(), "asked for more commits than masks"
-        x_BL[:, block] = torch.where(commit_BK, predicted_BK, x_BL[:, block])
+        _write_block(x_BL, block, torch.where(commit_BK, predicted_BK, block_BK))
         sampling_step += 1
 
 
@@ -374,6 +423,78 @@ def generate(
         if finished:
             break
     return x_BL
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    """An answer in progress for :func:`next_blocks`: its prompt, the answer blocks already final,
+    and how long it will be.
+
+    gen_length: the answer's whole length (a multiple of the batch's block_length).
+    steps_per_block: its fixed schedule (ignored with a threshold).
+    """
+
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+    gen_length: int
+    steps_per_block: int
+
+
+@torch.no_grad()
+def next_blocks(model: nn.Module, rows: Sequence[BlockRow], run: Resolved,
+                generator: torch.Generator | None = None) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Sample the next block of each row in one batch -> (each row's new block, the forwards each
+    row needed), for continuous batching: rows may be at different blocks of answers of
+    different lengths, after prompts of different lengths, so requests can join and leave a
+    running batch at every block boundary.
+
+    Every row keeps exactly what it sees alone in :func:`generate`: its prompt, its final blocks,
+    the current block and its own masked tail, at its own positions; all else is padding that no
+    query attends to. Row i is ``[prompt_i + answer_i, block_i, MASK x tail_i, pad]``: the
+    batch is as wide as its longest row, and each row's block is at its own columns (the dual
+    cache recomputes each row's own block). The prefix cache recomputes everything from the
+    block on, so for it the rows are aligned on the block instead,
+    ``[pad, prompt_i + answer_i, block, MASK x tail_i, pad]``, which is wider when rows are at
+    different blocks. Of ``run.options`` the block length and every other setting apply to all
+    rows; gen_length and steps come from each row. Early stop is the caller's (a row whose
+    block ends in EOS is EOS to its end, as in generate()).
+    """
+    options = run.options
+    width_K = options.block_length
+    device = next(model.parameters()).device
+    known = [row.prompt_ids + row.answer_ids for row in rows]
+    tails = [row.gen_length - len(row.answer_ids) - width_K for row in rows]
+    for row, tail in zip(rows, tails, strict=True):
+        if len(row.answer_ids) % width_K or tail < 0 or row.gen_length % width_K:
+            raise ValueError(f"rows: an answer of {len(row.answer_ids)} final tokens out of gen_length "
+                             f"{row.gen_length} has no next block of {width_K}")
+    aligned = options.cache == "prefix" or len({len(ids) for ids in known}) == 1
+    if aligned:  # every block in the same columns
+        start = max(len(ids) for ids in known)
+        firsts = [start - len(ids) for ids in known]
+        width = start + width_K + max(tails)
+    else:
+        firsts = [0] * len(rows)
+        width = max(len(ids) + width_K + tail for ids, tail in zip(known, tails, strict=True))
+    x_BL = torch.full((len(rows), width), model.config.pad_token_id, dtype=torch.long, device=device)
+    real_BL = torch.zeros_like(x_BL, dtype=torch.bool)
+    prompt_BL = torch.zeros_like(real_BL)
+    for index, (ids, row, tail, first) in enumerate(zip(known, rows, tails, firsts, strict=True)):
+        block_start = first + len(ids)
+        x_BL[index, first:block_start] = torch.as_tensor(ids, dtype=torch.long, device=device)
+        x_BL[index, block_start:block_start + width_K + tail] = run.mask_id
+        real_BL[index, first:block_start + width_K + tail] = True
+        prompt_BL[index, first:first + len(row.prompt_ids)] = True
+    block: slice | RowBlocks
+    if aligned:
+        block = slice(start, start + width_K)
+    else:
+        starts_B = torch.tensor([len(ids) for ids in known], dtype=torch.long, device=device)
+        block = RowBlocks(starts_B, width_K)
+    attention_mask_BL = None if bool(real_BL.all()) else real_BL.long()
+    steps_B = torch.tensor([row.steps_per_block for row in rows], device=device)
+    forwards_B = _denoise_block(model, x_BL, attention_mask_BL, block, prompt_BL, run, generator, steps_B)
+    return [tuple(ids) for ids in _read_block(x_BL, block).tolist()], forwards_B.tolist()
 
 
 def _committed(x_BL: torch.Tensor, prompt_length: int, blocks: range, options: SamplingOptions) -> CommittedBlocks:

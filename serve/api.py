@@ -9,8 +9,18 @@
 The backend is anything with ``stream(SampleRequest)`` (an async iterator of BlockUpdate /
 SampleFailure) and ``ready()``: on Ray Serve, a handle to the sampler deployment
 (serve/app.py); in unit tests, a model in the same process. Each committed block is sent as
-soon as it arrives. Client mistakes get a 4xx in OpenAI's error shape naming the field; a full
-queue gets 503, a request past ``request_timeout_s`` gets 504.
+soon as it arrives. Client mistakes get a 4xx in OpenAI's error shape naming the field
+(``error.param``); a full queue gets 503 with Retry-After, a request past
+``request_timeout_s`` gets 504, a body over ``limits.max_request_bytes`` 413 (declared or
+counted as it arrives). /openapi.json documents every status of every operation
+(serve/openapi.py); besides them, an unknown path gets 404 and another method on a known path
+405, in the same error shape.
+
+``usage`` has OpenAI's token counts and two fields for what a diffusion answer costs, since a
+masked-diffusion model commits several tokens per forward: ``model_forwards``, the model
+forwards the answer took (the BlockUpdates' ``forwards``, summed over its choices), and
+``tokens_per_forward``, completion_tokens / model_forwards rounded to 2 decimals (0 when
+there were none). A streamed answer carries them in its usage chunk.
 """
 
 from __future__ import annotations
@@ -23,12 +33,14 @@ import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Protocol, Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve import protocol
+from serve import openapi, protocol
 from serve.batching import BlockUpdate, SampleFailure, SampleRequest
 from serve.config import ServeConfig
 from serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -53,6 +65,11 @@ class Overloaded(Exception):
     """No sampler can take the request now (queue full, replica gone): answer 503."""
 
 
+class BodyTooLarge(HTTPException):
+    """A request body passed the cap while it was read. An HTTPException because FastAPI passes
+    those through from body parsing as they are (any other error there becomes a 400)."""
+
+
 class SamplerBackend(Protocol):
     def stream(self, request: SampleRequest) -> AsyncIterator[BlockUpdate | SampleFailure]: ...
 
@@ -64,9 +81,11 @@ class OpenAIServer:
     assemble text, answer as JSON or SSE."""
 
     def __init__(self, backend: SamplerBackend, tokenizer: Any, model: ModelInfo, config: ServeConfig,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, max_in_flight: int | None = None) -> None:
         self.backend, self.tokenizer, self.model, self.config = backend, tokenizer, model, config
         self.api_key = api_key
+        self.max_in_flight = max_in_flight  # sampling requests at once (None: no limit here)
+        self.in_flight = 0
         self.decode = make_decoder(tokenizer)
         self.stop_ids = frozenset(i for i in (model.eos_id, model.eot_id) if i is not None)
         self.created = int(time.time())
@@ -106,6 +125,7 @@ class OpenAIServer:
         stop_ids = () if body.ignore_eos else self.stop_ids
         assemblers = [TextAssembler(self.decode, stop_ids, body.stop_sequences()) for _ in requests]
         prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+        forwards = [0] * len(requests)  # model forwards of each choice so far
         response_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         events = self._events(requests)
         if body.stream:
@@ -117,18 +137,19 @@ class OpenAIServer:
                 await events.aclose()
                 raise
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._sse(events, first, assemblers, response_id, chat, include_usage, prompt_tokens)
+            stream = self._sse(events, first, assemblers, forwards, response_id, chat, include_usage, prompt_tokens)
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         async with aclosing(events):
             async for index, update in events:
+                forwards[index] += update.forwards
                 _apply(assemblers[index], update)
                 if all(a.finished for a in assemblers):
                     break
         for assembler in assemblers:  # a stream that ended without its final block
             if not assembler.finished:
                 assembler.close()
-        usage = protocol.usage(prompt_tokens, sum(a.completion_tokens for a in assemblers))
+        usage = protocol.usage(prompt_tokens, sum(a.completion_tokens for a in assemblers), sum(forwards))
         if chat:
             choices = [{"index": 0, "message": {"role": "assistant", "content": assemblers[0].text},
                         "logprobs": None, "finish_reason": assemblers[0].finish_reason}]
@@ -167,6 +188,8 @@ class OpenAIServer:
                     remaining -= 1
                 elif isinstance(item, BaseException):
                     raise item
+                elif isinstance(item, SampleFailure) and item.status == 503:
+                    raise Overloaded(item.message)
                 elif isinstance(item, SampleFailure):
                     kind = "invalid_request_error" if item.status < 500 else "server_error"
                     raise RequestError(item.status, item.message, kind=kind)
@@ -177,8 +200,8 @@ class OpenAIServer:
                 task.cancel()
 
     async def _sse(self, events: AsyncIterator[tuple[int, BlockUpdate]], first: tuple[int, BlockUpdate] | None,
-                   assemblers: list[TextAssembler], response_id: str, chat: bool, include_usage: bool,
-                   prompt_tokens: int) -> AsyncIterator[str]:
+                   assemblers: list[TextAssembler], forwards: list[int], response_id: str, chat: bool,
+                   include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
         model, announced = self.config.model_name, set()
 
         def chunk(index: int, text: str | None, finish_reason: str | None, role: bool = False) -> str:
@@ -200,6 +223,7 @@ class OpenAIServer:
                 while item is not None:
                     index, update = item
                     assembler = assemblers[index]
+                    forwards[index] += update.forwards
                     if index not in announced:
                         delta = _apply(assembler, update)
                         if delta or assembler.finished:
@@ -218,7 +242,7 @@ class OpenAIServer:
             if index not in announced:  # a stream that ended without its final block
                 yield chunk(index, assembler.close() or None, assembler.finish_reason)
         if include_usage:
-            usage = protocol.usage(prompt_tokens, sum(a.completion_tokens for a in assemblers))
+            usage = protocol.usage(prompt_tokens, sum(a.completion_tokens for a in assemblers), sum(forwards))
             body = (protocol.chat_body if chat else protocol.completion_body)(response_id, model, [], usage, chunk=True)
             yield _sse_data(body)
         yield "data: [DONE]\n\n"
@@ -242,27 +266,17 @@ def create_app(server: OpenAIServer) -> FastAPI:
     """The FastAPI app of the API over ``server``."""
     app = FastAPI(title="llada-platform", version="1", description=__doc__)
     _install_error_handlers(app)
+    openapi.install(app)
+    app.add_middleware(Guard, server=server)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > server.config.limits.max_request_bytes:
-            return _error(413, f"request body: {declared} bytes exceed this server's cap of "
-                               f"{server.config.limits.max_request_bytes}", code="request_too_large")
-        path, root = request.url.path, request.scope.get("root_path", "")  # root: the app's route prefix
-        if root and path.startswith(root):
-            path = path[len(root):]
-        if path.startswith("/v1/") and not server.authorized(request.headers.get("authorization")):
-            return _error(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                          kind="authentication_error", code="invalid_api_key",
-                          headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    @app.get("/health", response_model=None, responses=openapi.responses(
+        protocol.Health, openapi.PUBLIC_ERRORS, ok_description="The ingress is up."))
+    async def health() -> Response:
+        return JSONResponse({"status": "ok"})
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
+    @app.get("/ready", response_model=None, responses={
+        **openapi.responses(protocol.Ready, openapi.PUBLIC_ERRORS, ok_description="A sampler replica answered."),
+        503: {"model": protocol.NotReady, "description": "No sampler replica answered (yet)."}})
     async def ready() -> Response:
         try:
             details = await asyncio.wait_for(server.backend.ready(), READY_TIMEOUT_S)
@@ -271,23 +285,114 @@ def create_app(server: OpenAIServer) -> FastAPI:
                                 status_code=503)
         return JSONResponse({"status": "ready", "model": server.config.model_name, **details})
 
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return server.models()
+    @app.get("/v1/models", response_model=None, openapi_extra=openapi.BEARER,
+             responses=openapi.responses(protocol.ModelList, openapi.V1_READ_ERRORS,
+                                         ok_description="The served model."))
+    async def list_models() -> Response:
+        return JSONResponse(server.models())
 
-    @app.get("/v1/models/{model_id:path}")
-    async def retrieve_model(model_id: str) -> dict[str, Any]:
-        return server.model_card(model_id)
+    @app.get("/v1/models/{model_id:path}", response_model=None, openapi_extra=openapi.BEARER,
+             responses=openapi.responses(protocol.ModelCard, openapi.V1_MODEL_ERRORS))
+    async def retrieve_model(model_id: str) -> Response:
+        return JSONResponse(server.model_card(model_id))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, openapi_extra=openapi.BEARER,
+              responses=openapi.responses(protocol.CompletionResponse, openapi.V1_SAMPLE_ERRORS,
+                                          chunk=protocol.CompletionChunk))
     async def completions(body: CompletionRequest) -> Response:
         return await server.completions(body)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, openapi_extra=openapi.BEARER,
+              responses=openapi.responses(protocol.ChatCompletionResponse, openapi.V1_SAMPLE_ERRORS,
+                                          chunk=protocol.ChatCompletionChunk))
     async def chat_completions(body: ChatCompletionRequest) -> Response:
         return await server.chat_completions(body)
 
     return app
+
+
+class Guard:
+    """ASGI middleware in front of every route: the body cap and the API key.
+
+    A body over ``limits.max_request_bytes`` gets 413: a declared size (Content-Length) is
+    refused before anything is read, and a body without one (chunked transfer encoding) is
+    counted as it arrives and refused once the count passes the cap, so it is never held in
+    memory whole. /v1/* needs the key when the server has one (401 otherwise).
+
+    Admission: with ``max_in_flight`` sampling requests (completions and chat completions) in
+    progress, the next one gets 503 with Retry-After before its body is read, so a request the
+    samplers could not take costs no parsing, tokenising or call to a replica. Under 4x
+    overload on a laptop those refusals took as much CPU as the answers and left the model short
+    of it (benchmarks/RESULTS.md, "Serving under real traffic").
+
+    Plain ASGI rather than ``@app.middleware``: Starlette's BaseHTTPMiddleware reads the body in
+    a task group, which would wrap the 413 raised while counting in an ExceptionGroup that
+    FastAPI turns into a 400.
+    """
+
+    def __init__(self, app: ASGIApp, server: OpenAIServer) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        server = self.server
+        if scope["method"] == "POST" and _route(scope) in SAMPLING_ROUTES:
+            if server.max_in_flight is not None and server.in_flight >= server.max_in_flight:
+                await _overloaded(f"{server.in_flight} requests in progress")(scope, receive, send)
+                return
+            server.in_flight += 1
+            try:
+                await self._guarded(scope, receive, send)
+            finally:
+                server.in_flight -= 1
+            return
+        await self._guarded(scope, receive, send)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cap, received = self.server.config.limits.max_request_bytes, 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > cap:
+                    raise BodyTooLarge(413, f"request body: more than {cap} bytes received, over this server's cap")
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _refusal(self, scope: Scope) -> Response | None:
+        headers, cap = Headers(scope=scope), self.server.config.limits.max_request_bytes
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            return _error(413, f"request body: {declared} bytes exceed this server's cap of {cap}",
+                          code="request_too_large")
+        if _route(scope).startswith("/v1/") and not self.server.authorized(headers.get("authorization")):
+            return _error(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                          kind="authentication_error", code="invalid_api_key",
+                          headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+
+SAMPLING_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def _route(scope: Scope) -> str:
+    """The request's path inside the app (without the app's route prefix)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _overloaded(reason: str) -> JSONResponse:
+    return _error(503, f"the server is at capacity, retry later ({reason})", kind="server_error",
+                  code="overloaded", headers={"Retry-After": "1"})
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -303,6 +408,9 @@ def validation_message(errors: Sequence[Any]) -> tuple[str | None, str]:
     kind = error.get("type", "")
     path = [str(p) for p in error.get("loc", ()) if p != "body"
             and not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+    field = (error.get("ctx") or {}).get("param")  # a model-level check names its field here
+    if isinstance(field, str):
+        path.append(field)
     param = ".".join(path) or None
     if kind == "json_invalid":
         return None, f"request body: not valid JSON ({error.get('ctx', {}).get('error', 'decode error')})"
@@ -319,7 +427,12 @@ def validation_message(errors: Sequence[Any]) -> tuple[str | None, str]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError) -> JSONResponse:
-        return _error(error.status, error.message, error.kind, error.param, error.code)
+        headers = {"Retry-After": "1"} if error.status == 503 else None  # as documented for every 503
+        return _error(error.status, error.message, error.kind, error.param, error.code, headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(_: Request, error: BodyTooLarge) -> JSONResponse:
+        return _error(413, str(error.detail), code="request_too_large")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -334,8 +447,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Overloaded)
     async def overloaded(_: Request, error: Overloaded) -> JSONResponse:
-        return _error(503, f"the server is at capacity, retry later ({error})", kind="server_error",
-                      code="overloaded", headers={"Retry-After": "1"})
+        return _overloaded(str(error))
 
     @app.exception_handler(Exception)
     async def internal(_: Request, error: Exception) -> JSONResponse:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from typing import Any, AsyncIterator
 
@@ -36,22 +37,38 @@ APP_NAME = "llada"
 IMPORT_PATH = "serve.app:build_app"
 SAMPLER_NAME = "LLaDASampler"
 INGRESS_NAME = "OpenAIIngress"
+ROUTER_HEADROOM = 2
 # The proxy's own timeout is a backstop (it answers 408); the ingress answers 504 first.
 PROXY_TIMEOUT_MARGIN_S = 10.0
 
 
 class HandleBackend:
-    """The API's sampler backend over a Serve deployment handle."""
+    """The API's sampler backend over a Serve deployment handle.
+
+    A request that streams its blocks is a streaming call; one that wants its answer at once is
+    a plain call (one message back instead of a generator's, which the ingress also had to
+    close with a cancel message). A stream whose last block arrived is over: it is not cancelled.
+    """
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
     async def stream(self, request: SampleRequest) -> AsyncIterator[BlockUpdate | SampleFailure]:
-        response, finished = None, False
+        response: Any = None
+        finished = False
         try:
+            if not request.stream_blocks:
+                response = self.handle.answer.remote(request)
+                item = await response
+                finished = True
+                yield item
+                return
             response = self.handle.options(stream=True).stream.remote(request)
             async for item in response:
+                finished = isinstance(item, SampleFailure) or item.final
                 yield item
+                if finished:
+                    return
             finished = True
         except BackPressureError as error:
             raise Overloaded(f"sampler queue full: {error.message}") from None
@@ -82,10 +99,20 @@ class OpenAIIngress:
                 raise ValueError(f"api_key_env: the environment variable {config.api_key_env} is not set on the "
                                  "ingress replica; set it there (e.g. from a secret) or remove api_key_env")
         tokenizer, model_info = load_metadata(app_args.checkpoint, app_args.s3)
-        self.server = OpenAIServer(HandleBackend(sampler), tokenizer, model_info, config, api_key=api_key)
+        self.server = OpenAIServer(HandleBackend(sampler), tokenizer, model_info, config, api_key=api_key,
+                                   max_in_flight=ingress_admission_limit(config))
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.server)
+
+
+def ingress_admission_limit(config: ServeConfig) -> int:
+    """Sampling requests one ingress replica lets in at once: its share of what the sampler
+    replicas hold at most (max_replicas x replica.max_ongoing_requests; serve/api.py: Guard).
+    With fewer replicas up, the replicas refuse the rest themselves; while none is up (starting,
+    or scaling from zero) Serve's router holds up to replica.max_queued_requests of them."""
+    held = config.autoscaling.max_replicas * config.replica.max_ongoing_requests
+    return max(1, math.ceil(held / config.ingress.num_replicas))
 
 
 def resolved_num_gpus(config: ServeConfig) -> float:
@@ -102,14 +129,25 @@ def sampler_options(config: ServeConfig, num_gpus: float | None) -> dict[str, An
     options: dict[str, Any] = {
         "name": SAMPLER_NAME,
         "autoscaling_config": config.autoscaling.to_ray(),
-        "max_ongoing_requests": replica.max_ongoing_requests,
+        # The replica's batcher holds its queue and refuses past replica.max_ongoing_requests
+        # (serve/batching.py); Serve's limit is twice that so that the router hands the refusals
+        # to the replica (a millisecond each) instead of queueing them and probing the replicas.
+        "max_ongoing_requests": ROUTER_HEADROOM * replica.max_ongoing_requests,
         "max_queued_requests": replica.max_queued_requests,
         "health_check_period_s": replica.health_check_period_s,
         "health_check_timeout_s": replica.health_check_timeout_s,
+        **drain_options(config),
     }
     if num_gpus is not None:
         options["ray_actor_options"] = {"num_cpus": replica.num_cpus, "num_gpus": num_gpus}
     return options
+
+
+def drain_options(config: ServeConfig) -> dict[str, Any]:
+    """How a stopping replica drains (scale-down, redeploy, Ctrl-C): it finishes the requests it
+    holds, up to the request timeout, checking every half second, so that an idle replica stops
+    at once (Ray's defaults, 20 s and every 2 s, cut long answers and made Ctrl-C take 22-28 s)."""
+    return {"graceful_shutdown_timeout_s": config.request_timeout_s, "graceful_shutdown_wait_loop_s": 0.5}
 
 
 def ingress_options(config: ServeConfig, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
@@ -122,6 +160,7 @@ def ingress_options(config: ServeConfig, env_vars: dict[str, str] | None = None)
         "num_replicas": ingress.num_replicas,
         "max_ongoing_requests": ingress.max_ongoing_requests,
         "ray_actor_options": actor_options,
+        **drain_options(config),
     }
 
 

@@ -1,27 +1,35 @@
-"""Dynamic batching of diffusion sampling requests: which requests may share a batch, how a
-group is padded and sampled, and how its blocks are streamed out (no Ray here).
+"""Continuous batching of diffusion sampling requests (no Ray here): requests of any length join
+the running batch and leave it at block boundaries, and each one's answer is the one it gets
+alone.
 
-Legend: B batch, P prompt width (the longest prompt of the batch), G gen_length, K block_length,
-L = P + G.
+Legend: B batch, K block_length, G gen_length.
 
-Which requests may be sampled together, with each output equal to the request served alone
-(greedy):
-- Prompts of different lengths: yes. They are LEFT-padded to P with an attention mask; the
-  model gives every row its own positions (cumsum of the mask) and no query attends to padding,
-  so a row sees exactly what it sees alone (tests/unit/test_sampling.py holds the sampler to it).
-- Different gen_length: NO. Attention is bidirectional, so every position also attends to the
-  still-masked answer positions after it: a row generated to 16 tokens sees 8 more MASK tokens
-  than the same row generated to 8, and its logits (so its commits) differ from the first step
-  on. The schedule differs too (steps are split over gen_length / K blocks). So gen_length is
-  part of the batch key, not padded to the largest in the batch.
-- Different max_tokens: yes, when they round up to the same gen_length. gen_length is max_tokens
-  rounded up to a multiple of block_length (served alone, the request is rounded the same way);
-  each row is cut back to its own max_tokens.
-- Every other sampling option (the request's whole :class:`~llada_core.options.SamplingOptions`:
-  steps, block_length, temperature, cfg_scale, remasking, the EOS options, threshold, cache,
-  early_stop) is part of the key.
-- A seeded stochastic request runs alone: one generator draws the noise of the whole batch, so
-  a row's noise depends on its batch mates and the seed would not reproduce the output.
+A masked-diffusion answer is sampled block by block, and under the dual KV cache every block
+starts with a full forward of the whole sequence, so a block boundary is where a batch can
+change for free. :class:`ContinuousBatcher` runs one *round* at a time: the next block of every
+running request in one batch (llada_core.sampling.next_blocks). After each round, finished
+requests leave (their last block, or an early stop on EOS) and waiting ones join, so an 8-token
+request is answered after its one block while a 128-token one next to it goes on.
+
+What a row sees is exactly what it sees alone (greedy fp32 answers equal the request served
+alone, tests/unit/test_serve_batching.py): its prompt, its final blocks, its current block and
+its own masked tail at its own positions; everything else in the batch tensor is padding that
+no query attends to. Attention is bidirectional, so this matters: a row generated to 16 tokens
+alone sees 8 more MASK tokens than the same row generated to 8, and a tail of another row's
+length would change its logits from the first step on. Per row, too: gen_length, the fixed
+schedule's steps and early stop.
+
+Which requests may share the running batch (:func:`batch_key`): every other sampling setting
+is shared (block_length, temperature, cfg_scale, remasking, the EOS options, threshold, cache)
+along with the end-of-turn id. A seeded stochastic request runs alone: one generator draws the
+noise of the whole batch, so a row's noise would depend on its batch mates and the seed would
+not reproduce the output. When the oldest waiting request cannot join, the running batch stops
+admitting and drains, then the waiting one's batch starts (no request waits behind a stream of
+later compatible ones).
+
+SGLang's and vLLM's diffusion schedulers schedule at block granularity the same way; they serve
+block-causal models, where a finished block is never recomputed, while LLaDA is bidirectional,
+which is why "equal to alone" is the bar here rather than a property of the model.
 """
 
 from __future__ import annotations
@@ -31,14 +39,14 @@ import concurrent.futures
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Hashable, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from llada_core.options import SamplingOptions
-from llada_core.sampling import CommittedBlocks, generate, left_pad
+from llada_core.sampling import BlockRow, Resolved, next_blocks, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +77,15 @@ class BlockUpdate:
 
     ``blocks_done`` counts the answer blocks final so far: the updates of a request carry every
     answer token exactly once, in order, and the last one has ``blocks_done == num_blocks``.
+    ``forwards`` counts the model forwards this request took part in since its previous update
+    (one batched forward counts once for each request in it); summed over the updates, it is
+    the request's cost in forwards (the API reports it in ``usage``).
     """
 
     blocks_done: int
     num_blocks: int
     token_ids: tuple[int, ...]
+    forwards: int = 0
 
     @property
     def final(self) -> bool:
@@ -89,118 +101,117 @@ class SampleFailure:
 
 
 def batch_key(request: SampleRequest) -> Hashable:
-    """Requests with equal keys may share a batch (see the module docstring)."""
-    key = (request.options, request.eot_id)
-    if request.seed is not None and request.options.stochastic:
+    """Requests with equal keys may share the running batch (see the module docstring)."""
+    options = request.options
+    key = (options.block_length, options.temperature, options.cfg_scale, options.remasking,
+           options.logits_eos_inf, options.confidence_eos_eot_inf, options.threshold, options.cache,
+           request.eot_id)
+    if request.seed is not None and options.stochastic:
         return (*key, request.request_id)
     return key
 
 
-def group_requests(requests: Sequence[SampleRequest]) -> list[list[int]]:
-    """Indices of ``requests`` grouped by :func:`batch_key`, groups in order of first arrival."""
-    groups: dict[Hashable, list[int]] = {}
-    for index, request in enumerate(requests):
-        groups.setdefault(batch_key(request), []).append(index)
-    return list(groups.values())
+class BatchMetrics(Protocol):
+    """Where the batcher reports what it does (the replica exports it to Prometheus)."""
+
+    def round_done(self, rows: int, forwards: int, tokens: int, seconds: float, waiting: int) -> None: ...
+
+    def request_done(self, seconds: float, first_block_seconds: float | None, ok: bool) -> None: ...
 
 
-def committed_tokens(committed: CommittedBlocks, max_tokens: Sequence[int]) -> list[tuple[int, ...]]:
-    """Each row's newly final answer tokens, cut at that row's max_tokens."""
-    rows = committed.tokens_BT.tolist()
-    keep = [max(0, limit - committed.answer_start) for limit in max_tokens]
-    return [tuple(row[:n]) for row, n in zip(rows, keep, strict=True)]
+@dataclass
+class BatchStats:
+    """Totals since the batcher started (read deltas of them: tests and benchmarks)."""
+
+    rounds: int = 0
+    row_rounds: int = 0  # sum of the rounds' batch sizes: mean batch = row_rounds / rounds
+    forwards: int = 0  # batched model forwards
+    tokens: int = 0  # answer tokens handed out
+    model_seconds: float = 0.0
+    max_rows: int = 0
+    joined_running: int = 0  # requests that joined a batch already running
+    refused: int = 0  # requests refused with 503: the queue was full
 
 
-BlockHook = Callable[[int, list[tuple[int, ...]]], None]  # (blocks done, tokens per request)
-
-
-def sample_group(model: nn.Module, requests: Sequence[SampleRequest], on_block: BlockHook | None = None,
-                 generate_fn: Callable[..., torch.Tensor] = generate) -> list[tuple[int, ...]]:
-    """Sample requests that share a :func:`batch_key` in one ``generate`` call.
-
-    Returns each request's answer tokens (cut at its max_tokens). ``on_block(blocks_done,
-    [new tokens per request])`` is called whenever blocks become final (generate()'s
-    :class:`~llada_core.sampling.CommittedBlocks` contract): concatenated over the calls, each
-    request's tokens are exactly its returned answer.
-    """
-    first = requests[0]
-    assert all(batch_key(r) == batch_key(first) for r in requests), "mixed batch keys"
-    device = next(model.parameters()).device
-    prompt_BP, mask_BP = left_pad([r.prompt_ids for r in requests], model.config.pad_token_id, device)
-    width = prompt_BP.shape[1]
-    max_tokens = [r.max_tokens for r in requests]
-    generator = None
-    if first.options.stochastic and first.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(first.seed)
-
-    def blocks_done(committed: CommittedBlocks) -> None:
-        if on_block is not None:
-            on_block(committed.blocks.stop, committed_tokens(committed, max_tokens))
-
-    x_BL = generate_fn(model, prompt_BP, attention_mask=mask_BP, options=first.options, generator=generator,
-                       eot_id=first.eot_id, on_block=blocks_done)
-    answers = x_BL[:, width:].tolist()
-    return [tuple(answer[:limit]) for answer, limit in zip(answers, max_tokens, strict=True)]
-
-
-BatchSlot = Any  # BlockUpdate | SampleFailure | None (nothing new) | StopIteration (stream over)
+_END = object()  # a request's stream is over
 
 
 @dataclass(eq=False)
-class _Waiting:
-    """A request waiting for the model: where its results go (its run() call and slot)."""
+class _Entry:
+    """A request in the batcher: where its results go and what is final so far."""
 
     request: SampleRequest
-    slot: int
     outbox: asyncio.Queue
+    arrived: float = field(default_factory=time.perf_counter)
+    answer: tuple[int, ...] = ()
+    first_block_at: float | None = None
+    gone: bool = False  # its caller stopped listening
+
+    @property
+    def row(self) -> BlockRow:
+        options = self.request.options
+        return BlockRow(self.request.prompt_ids, self.answer, options.gen_length, options.steps_per_block)
 
 
-class BatchRunner:
-    """Samples requests in batches on one worker thread and streams each request's blocks back.
+class ContinuousBatcher:
+    """Samples requests in one running batch on one worker thread and streams each one's blocks.
 
-    ``run(requests)`` is the body of the ``@serve.batch`` method: it yields results in
-    ``@serve.batch``'s streaming format, one list per yield with one slot per request (a
-    BlockUpdate or SampleFailure, None for nothing new, StopIteration when its stream is over).
+    ``stream(request)`` yields the request's :class:`BlockUpdate` s (or one SampleFailure) as its
+    blocks become final. Between rounds, the worker drops requests whose caller left or whose
+    deadline passed, admits waiting ones of the running batch's key (up to max_batch_size, in
+    order of arrival), and runs the next round. When the model is idle, the first request waits
+    up to ``idle_wait_s`` for others (clients answered together come back together). The event
+    loop stays free while the model runs.
 
-    Requests of concurrent ``run`` calls wait in one queue. Whenever the model is free, the
-    group (:func:`batch_key`) of the oldest waiting request is taken whole, up to
-    ``max_batch_size``: batches that ``@serve.batch`` formed while a generate call was running
-    are merged into the next call instead of running one after the other in pieces. Right after
-    a batch, a group that is not full waits up to ``refill_wait_s`` for more requests: the
-    clients just answered tend to come back at once, and without the wait they would miss the
-    next batch and form cohorts that never meet again. The event loop stays free while the
-    model runs.
+    The queue is here, in the replica, not in Serve's router: a request that finds ``capacity``
+    requests running and waiting is refused at once with a 503 failure. A waiting request costs an idle
+    coroutine; one queued in the router costs queue-length probes of the replicas every 25 to
+    500 ms until a slot frees, which on a small machine took the CPU from the model and left it
+    idle between probes (benchmarks/RESULTS.md, "Serving under real traffic").
     """
 
-    def __init__(self, model: nn.Module, max_batch_size: int = 8, refill_wait_s: float = 0.0,
-                 on_fatal: Callable[[BaseException], None] | None = None,
-                 generate_fn: Callable[..., torch.Tensor] = generate) -> None:
+    def __init__(self, model: nn.Module, max_batch_size: int = 8, idle_wait_s: float = 0.0,
+                 on_fatal: Callable[[BaseException], None] | None = None, metrics: BatchMetrics | None = None,
+                 step_fn: Callable[..., tuple[list[tuple[int, ...]], list[int]]] = next_blocks,
+                 capacity: int | None = None) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
-        self.refill_wait_s = refill_wait_s
+        self.capacity = capacity
+        self.idle_wait_s = idle_wait_s
         self.on_fatal = on_fatal
-        self.generate_fn = generate_fn
+        self.metrics = metrics
+        self.step_fn = step_fn
+        self.stats = BatchStats()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llada-sampler")
-        self._waiting: list[_Waiting] = []
+        self._waiting: list[_Entry] = []
+        self._running: list[_Entry] = []
+        self._generator: torch.Generator | None = None
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        self.num_batches = 0
-        self.batch_sizes: list[int] = []
-        self.batch_seconds: list[float] = []  # model time of each generate call
 
-    async def run(self, requests: Sequence[SampleRequest]) -> AsyncIterator[list[BatchSlot]]:
-        outbox: asyncio.Queue = asyncio.Queue()
-        self._waiting.extend(_Waiting(request, slot, outbox) for slot, request in enumerate(requests))
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting to join."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def stream(self, request: SampleRequest) -> AsyncIterator[BlockUpdate | SampleFailure]:
+        if self.capacity is not None and len(self._running) + len(self._waiting) >= self.capacity:
+            self.stats.refused += 1
+            yield SampleFailure(503, f"the sampler replica's queue is full ({len(self._running)} running, "
+                                     f"{len(self._waiting)} waiting)")
+            return
+        entry = _Entry(request, asyncio.Queue())
+        self._waiting.append(entry)
         self._wake_worker()
-        open_streams = len(requests)
         try:
-            while open_streams:
-                slot, item = await outbox.get()
-                if item is StopIteration:
-                    open_streams -= 1
-                yield _slots(len(requests), {slot: item})
-        finally:  # the caller is gone: its requests that have not started are dropped
-            self._waiting = [w for w in self._waiting if w.outbox is not outbox]
+            while (item := await entry.outbox.get()) is not _END:
+                yield item
+        finally:  # the caller is gone or the stream is over: the worker drops it at the next boundary
+            entry.gone = True
 
     def _wake_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -212,32 +223,31 @@ class BatchRunner:
 
     async def _work(self) -> None:
         assert self._wakeup is not None
-        after_batch = False
         while True:
-            if not self._waiting:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                after_batch = False
+            self._drop_gone()
+            if not self._running:
+                if not self._waiting:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                await self._gather()
+                self._drop_gone()
+            self._admit()
+            if not self._running:
                 continue
-            if after_batch:
-                after_batch = False
-                await self._refill()
-                continue  # callers may have left while it waited
-            batch = self._take_batch()
-            after_batch = True
             try:
-                await self._run_batch(batch)
+                await self._round()
             except Exception as error:  # a bug here must not leave callers waiting for ever
                 failure = self._failure(error)
-                for waiting in batch:
-                    waiting.outbox.put_nowait((waiting.slot, failure))
-                    waiting.outbox.put_nowait((waiting.slot, StopIteration))
+                for entry in self._running:
+                    self._finish(entry, failure)
+                self._running = []
 
-    async def _refill(self) -> None:
-        """Wait up to refill_wait_s while the next batch is not full."""
+    async def _gather(self) -> None:
+        """With the model idle, wait up to idle_wait_s while the first batch is not full."""
         assert self._wakeup is not None
-        deadline = time.monotonic() + self.refill_wait_s
-        while self._waiting and len(self._next_group()) < self.max_batch_size \
+        deadline = time.monotonic() + self.idle_wait_s
+        while self._waiting and len(self._admissible(self._waiting[0])) < self.max_batch_size \
                 and (left := deadline - time.monotonic()) > 0:
             self._wakeup.clear()
             try:
@@ -245,62 +255,109 @@ class BatchRunner:
             except asyncio.TimeoutError:
                 return
 
-    def _next_group(self) -> list[_Waiting]:
-        key = batch_key(self._waiting[0].request)
-        return [w for w in self._waiting if batch_key(w.request) == key]
+    def _admissible(self, first: _Entry) -> list[_Entry]:
+        key = batch_key(first.request)
+        return [entry for entry in self._waiting if batch_key(entry.request) == key]
 
-    def _take_batch(self) -> list[_Waiting]:
-        batch = self._next_group()[: self.max_batch_size]
-        self._waiting = [w for w in self._waiting if w not in batch]
-        return batch
-
-    async def _run_batch(self, batch: list[_Waiting]) -> None:
+    def _drop_gone(self) -> None:
+        """Forget requests nobody waits for; answer 504 to those past their deadline."""
         now = time.time()
-        for waiting in batch:
-            if waiting.request.deadline <= now:
-                waiting.outbox.put_nowait((waiting.slot, SampleFailure(
-                    504, "the request timed out while waiting for a sampler batch")))
-                waiting.outbox.put_nowait((waiting.slot, StopIteration))
-        live = [w for w in batch if w.request.deadline > now]
-        if not live:
+        for entries in (self._waiting, self._running):
+            for entry in entries:
+                if not entry.gone and entry.request.deadline <= now:
+                    self._finish(entry, SampleFailure(504, "the request timed out in the sampler"))
+        self._waiting = [entry for entry in self._waiting if not entry.gone]
+        self._running = [entry for entry in self._running if not entry.gone]
+        if not self._running:
+            self._generator = None
+
+    def _admit(self) -> None:
+        """Waiting requests of the running batch's key join it, oldest first, while it has room;
+        none join while the oldest waiting request has another key (the batch drains for it)."""
+        if not self._waiting:
             return
+        if self._running and batch_key(self._waiting[0].request) != batch_key(self._running[0].request):
+            return
+        room = self.max_batch_size - len(self._running)
+        joining = self._admissible(self._waiting[0])[:room]
+        if not joining:
+            return
+        if self._running:
+            self.stats.joined_running += len(joining)
+        else:
+            first = joining[0].request
+            if first.seed is not None and first.options.stochastic:
+                device = next(self.model.parameters()).device
+                self._generator = torch.Generator(device=device).manual_seed(first.seed)
+        self._waiting = [entry for entry in self._waiting if entry not in joining]
+        self._running.extend(joining)
+
+    async def _round(self) -> None:
+        """The next block of every running request; finished ones leave."""
+        batch = list(self._running)
+        rows = [entry.row for entry in batch]
         loop = asyncio.get_running_loop()
-        num_blocks = live[0].request.options.num_blocks
-
-        def deliver(blocks_done: int, tokens: list[tuple[int, ...]]) -> None:
-            for waiting, row in zip(live, tokens, strict=True):
-                waiting.outbox.put_nowait((waiting.slot, BlockUpdate(blocks_done, num_blocks, row)))
-
-        def on_block(blocks_done: int, tokens: list[tuple[int, ...]]) -> None:  # worker thread
-            loop.call_soon_threadsafe(deliver, blocks_done, tokens)
-
-        self.num_batches += 1
-        self.batch_sizes.append(len(live))
-        try:
-            await loop.run_in_executor(self._executor, self._timed_sample_group,
-                                       [w.request for w in live], on_block)
-        except Exception as error:
-            failure = self._failure(error)
-            for waiting in live:
-                waiting.outbox.put_nowait((waiting.slot, failure))
-        for waiting in live:  # after every block: call_soon_threadsafe keeps the order
-            waiting.outbox.put_nowait((waiting.slot, StopIteration))
-
-    def _timed_sample_group(self, group: list[SampleRequest], on_block: BlockHook) -> list[tuple[int, ...]]:
         started = time.perf_counter()
         try:
-            return sample_group(self.model, group, on_block, self.generate_fn)
-        finally:
-            self.batch_seconds.append(time.perf_counter() - started)
+            blocks, forwards = await loop.run_in_executor(self._executor, self._step, rows, batch[0].request)
+        except ValueError as error:  # generate's checks name the bad argument
+            for entry in batch:
+                self._finish(entry, SampleFailure(400, str(error)))
+            self._running = [entry for entry in self._running if entry not in batch]
+            return
+        seconds = time.perf_counter() - started
+        tokens = 0
+        for entry, block, needed in zip(batch, blocks, forwards, strict=True):
+            tokens += self._deliver(entry, block, needed)
+        self._running = [entry for entry in self._running if not entry.gone]
+        stats = self.stats
+        stats.rounds += 1
+        stats.row_rounds += len(batch)
+        stats.max_rows = max(stats.max_rows, len(batch))
+        stats.forwards += max(forwards, default=0)
+        stats.tokens += tokens
+        stats.model_seconds += seconds
+        if self.metrics is not None:
+            self.metrics.round_done(len(batch), max(forwards, default=0), tokens, seconds, len(self._waiting))
+
+    def _step(self, rows: list[BlockRow], first: SampleRequest) -> tuple[list[tuple[int, ...]], list[int]]:
+        """On the worker thread: resolve the batch's options against the model and sample."""
+        self._resolved = resolve(self.model, first.options, eot_id=first.eot_id)
+        return self.step_fn(self.model, rows, self._resolved, self._generator)
+
+    def _deliver(self, entry: _Entry, block: tuple[int, ...], forwards: int) -> int:
+        """Hand out the request's new final tokens (cut at its max_tokens) -> how many; a request
+        whose answer is complete (or ended in EOS under early stop) gets its final update."""
+        request, run = entry.request, self._resolved
+        options = request.options
+        answer = entry.answer + block
+        if options.early_stop and run.eos_id is not None and block[-1] == run.eos_id:
+            answer += (run.eos_id,) * (options.gen_length - len(answer))  # EOS to the end, as alone
+        new = answer[len(entry.answer):request.max_tokens] if len(entry.answer) < request.max_tokens else ()
+        entry.answer = answer
+        if entry.first_block_at is None:
+            entry.first_block_at = time.perf_counter()
+        if not entry.gone:
+            entry.outbox.put_nowait(BlockUpdate(len(answer) // options.block_length, options.num_blocks, new,
+                                                forwards))
+        if len(answer) == options.gen_length:
+            self._finish(entry)
+        return len(new)
+
+    def _finish(self, entry: _Entry, failure: SampleFailure | None = None) -> None:
+        if entry.gone:
+            return
+        if failure is not None:
+            entry.outbox.put_nowait(failure)
+        entry.outbox.put_nowait(_END)
+        entry.gone = True
+        if self.metrics is not None:
+            now = time.perf_counter()
+            first = None if entry.first_block_at is None else entry.first_block_at - entry.arrived
+            self.metrics.request_done(now - entry.arrived, first, failure is None)
 
     def _failure(self, error: BaseException) -> SampleFailure:
-        if isinstance(error, ValueError):  # generate names the bad argument
-            return SampleFailure(400, str(error))
         logger.error("sampler failed on a batch", exc_info=error)
         if self.on_fatal is not None:
             self.on_fatal(error)
         return SampleFailure(500, f"the sampler failed: {type(error).__name__}")
-
-
-def _slots(size: int, values: dict[int, BatchSlot]) -> list[BatchSlot]:
-    return [values.get(i) for i in range(size)]

@@ -11,14 +11,23 @@ each stage selected); the demo's SFT stage selects step 800.
 from __future__ import annotations
 
 import argparse
+import http.client
+import logging
+import os
 import signal
 import sys
 import time
-from typing import Any, Sequence
+import urllib.request
+from typing import Any, Callable, Sequence
 
 from pydantic import ValidationError
 
 from serve.config import AppArgs, ServeConfig, load_serve_config
+
+# How long start-up may take before the server is called ready: the replicas copy the
+# checkpoint (from S3 for a cluster) and load it, which takes minutes for a large model.
+READY_TIMEOUT_S = 900.0
+READY_POLL_S = 1.0
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,12 +87,9 @@ def run_serve(args: argparse.Namespace, base: ServeConfig | None = None) -> int:
 
 def _serve_until_interrupted(app_args: AppArgs, ray_address: str | None) -> int:
     import ray
-    from ray import serve
 
     from pipelines import storage
-    from serve.app import run
 
-    config = app_args.config
     try:
         if not storage.exists(storage.join(app_args.checkpoint, "config.json"), app_args.s3):
             print(f"llada serve: {app_args.checkpoint} has no config.json; pass an exported checkpoint",
@@ -92,32 +98,120 @@ def _serve_until_interrupted(app_args: AppArgs, ray_address: str | None) -> int:
     except storage.StorageError as error:
         print(f"llada serve: {error}", file=sys.stderr)
         return 1
-    if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
     started = time.perf_counter()
-    try:
-        run(app_args)
-    except RuntimeError as error:
-        print(f"llada serve: the application failed to start: {error}", file=sys.stderr)
-        return 1
-    base = f"http://{config.host}:{config.port}"
-    scaling = config.autoscaling
-    print(f"serving {app_args.checkpoint} as {config.model_name!r} at {base}/v1 "
-          f"(ready in {time.perf_counter() - started:.1f} s)")
-    print(f"  replicas {scaling.min_replicas}..{scaling.max_replicas}, batch <= {config.batching.max_batch_size}, "
-          f"queue <= {config.replica.max_queued_requests}, timeout {config.request_timeout_s:g} s, "
-          f"API key {'required' if config.api_key_env else 'off'}")
-    print(f"  try: curl {base}/v1/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{config.model_name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
-    print("Ctrl-C (or SIGTERM) stops the server.", flush=True)
+    if not ray.is_initialized():
+        try:
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+        except Exception as error:  # ConnectionError, RuntimeError, ValueError, ...: all say "no Ray there"
+            print(f"llada serve: cannot start or reach Ray at {ray_target(ray_address)}: {one_line(error)}",
+                  file=sys.stderr)
+            return 1
+    from serve.app import run
+
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the shell ignored it
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        try:
+            run(app_args)
+        except RuntimeError as error:
+            print(f"llada serve: the application failed to start: {error}", file=sys.stderr)
+            return 1
+        _announce(app_args, started)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping ...", flush=True)
+        return _stop()
+
+
+def _announce(app_args: AppArgs, started: float) -> None:
+    """Wait until /ready answers (a sampler replica has loaded the model), then say where the
+    server is and how long it took to be ready."""
+    config = app_args.config
+    base = f"http://{config.host}:{config.port}"
+    print(f"deployed; waiting until {base}/ready answers (the replicas load the model) ...", flush=True)
+    ready = wait_until_ready(http_probe(f"{probe_base(config)}/ready"), READY_TIMEOUT_S)
+    took = f"{time.perf_counter() - started:.1f} s"
+    state = f"ready in {took}" if ready else \
+        f"deployed, but {base}/ready did not answer within {took}; the replicas may still be loading"
+    scaling = config.autoscaling
+    print(f"serving {app_args.checkpoint} as {config.model_name!r} at {base}/v1 ({state})")
+    print(f"  replicas {scaling.min_replicas}..{scaling.max_replicas}, batch <= {config.batching.max_batch_size}, "
+          f"queue <= {config.replica.max_queued_requests}, timeout {config.request_timeout_s:g} s, "
+          f"API key {'required' if config.api_key_env else 'off'}")
+    print(f"  try: {try_command(config)}")
+    print("Ctrl-C (or SIGTERM) stops the server.", flush=True)
+
+
+def try_command(config: ServeConfig) -> str:
+    """A curl command that gets an answer from the server, with the API key when it needs one
+    (named by its variable, so the shell fills it in and the key is never printed)."""
+    auth = f' -H "Authorization: Bearer ${config.api_key_env}"' if config.api_key_env else ""
+    body = f'{{"model": "{config.model_name}", "prompt": "Hello", "max_tokens": 16}}'
+    return (f"curl http://{config.host}:{config.port}/v1/completions -H 'Content-Type: application/json'{auth} "
+            f"-d '{body}'")
+
+
+def probe_base(config: ServeConfig) -> str:
+    """Where this machine reaches the proxy: a wildcard bind address is reached on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(config.host, config.host)
+    return f"http://{host}:{config.port}"
+
+
+def http_probe(url: str, timeout_s: float = 15.0) -> Callable[[], bool]:
+    """``probe() -> bool``: whether GET ``url`` answers 200 (proxies bypassed: it is local)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def probe() -> bool:
+        try:
+            with opener.open(url, timeout=timeout_s) as response:
+                return response.status == 200
+        except (OSError, http.client.HTTPException):  # not up yet, or 503 (HTTPError is an OSError)
+            return False
+
+    return probe
+
+
+def wait_until_ready(probe: Callable[[], bool], timeout_s: float, poll_s: float = READY_POLL_S,
+                     clock: Callable[[], float] = time.monotonic,
+                     sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Call ``probe`` every ``poll_s`` until it says True (-> True) or ``timeout_s`` passed (-> False)."""
+    deadline = clock() + timeout_s
+    while not probe():
+        if clock() + poll_s > deadline:
+            return False
+        sleep(poll_s)
+    return True
+
+
+def ray_target(ray_address: str | None) -> str:
+    """The Ray that ``ray.init(address=ray_address)`` goes to, in words."""
+    return ray_address or os.environ.get("RAY_ADDRESS") or "this machine (a new local Ray)"
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _stop() -> int:
+    """Delete the application, then stop Serve. Quiet: Serve's warnings about replicas it stops
+    are no news to whoever pressed Ctrl-C. How long the replicas may drain in-flight requests is
+    their ``graceful_shutdown_timeout_s`` (serve/app.py); a second Ctrl-C stops without waiting."""
+    from ray import serve
+
+    from serve.app import APP_NAME
+
+    print("stopping ...", flush=True)
+    for name in ("ray", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        serve.delete(APP_NAME)
         serve.shutdown()
+    except KeyboardInterrupt:
+        print("stopped without waiting for the replicas to drain", file=sys.stderr)
+        return 130
+    except Exception as error:  # the cluster went away first: nothing is left to stop
+        print(f"llada serve: while stopping: {one_line(error)}", file=sys.stderr)
     return 0
 
 

@@ -69,7 +69,10 @@ class Limits(_Strict):
 
 
 class BatchingSettings(_Strict):
-    """``@serve.batch`` settings of a sampler replica; ``max_batch_size: 1`` turns batching off."""
+    """The continuous batcher of a sampler replica (serve/batching.py): at most
+    ``max_batch_size`` requests in a round (one block of each), and when the model is idle the
+    first request waits up to ``batch_wait_timeout_s`` for others; ``max_batch_size: 1`` turns
+    batching off."""
 
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0.0, allow_inf_nan=False)
@@ -97,8 +100,12 @@ class ReplicaSettings(_Strict):
 
     ``num_gpus: auto`` gives each replica one GPU when the Ray cluster has GPUs and none on a
     laptop, so the same config serves both; set it to 1 explicitly for clusters whose GPU nodes
-    scale up from zero (there are no GPUs to see at deploy time). ``max_queued_requests`` bounds
-    the requests waiting for a replica; past it the API answers 503.
+    scale up from zero (there are no GPUs to see at deploy time).
+
+    ``max_ongoing_requests`` is what a replica holds at once: ``batching.max_batch_size`` of
+    them sampled together, the rest waiting in its own queue; one more is refused with 503 (and
+    Retry-After) at once. ``max_queued_requests`` bounds the requests Serve's router holds while
+    no replica can take them (replicas starting, or scaling up from zero); past it, 503 too.
 
     ``dtype`` float32 keeps every batched answer equal to the same request served alone: in
     bfloat16 the rounding depends on the batch's shape, and on an H100 greedy answers of a

@@ -1,10 +1,11 @@
 """OpenAI-compatible request bodies (with the diffusion parameters as extra fields) and
-response bodies.
+response bodies (``usage`` adds the model forwards an answer took, see :class:`Usage`).
 
 Requests are strict: an unknown field, a wrong type or an OpenAI option the diffusion sampler
 cannot honour (``n > 1``, ``top_p < 1``, penalties, logprobs, tools) is a 400 that names the
-field, never silently ignored. Fields at their no-op value (``n: 1``, ``top_p: 1``) are accepted
-so that clients which always send them work.
+field (``error.param``), never silently ignored. Fields at their no-op value (``n: 1``,
+``top_p: 1``) are accepted so that clients which always send them work, and so is what an
+assistant message copied from an OpenAI response carries (``refusal``, ``annotations``).
 """
 
 from __future__ import annotations
@@ -64,8 +65,15 @@ def _check_no_ops(values: Any) -> Any:
             value = values.get(name)
             # type() as well as ==, so that true is not taken for 1
             if not any(value == no_op and type(value) is type(no_op) for no_op in allowed):
-                raise PydanticCustomError("unsupported", f"{name}: {why}")
+                raise _field_error("unsupported", name, f"{name}: {why}")
     return values
+
+
+def _field_error(kind: str, param: str, message: str) -> PydanticCustomError:
+    """An error raised by a model-level validator, which pydantic locates at the model itself:
+    ``param`` in its context tells the API which field to name in ``error.param``. (The message
+    must not hold ``{param}``, which pydantic would fill in.)"""
+    return PydanticCustomError(kind, message, {"param": param})
 
 
 def _raise_text_error(error: ValidationError) -> None:
@@ -118,6 +126,14 @@ class DiffusionParameters(_Body):
     @classmethod
     def _no_ops(cls, values: Any) -> Any:
         return _check_no_ops(values)
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "DiffusionParameters":
+        # As OpenAI: options of a stream that will not happen are a mistake, not a no-op.
+        if self.stream_options is not None and not self.stream:
+            raise _field_error("stream_options", "stream_options",
+                               "stream_options: only allowed when stream is true")
+        return self
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -174,6 +190,10 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: Annotated[Text, Field(max_length=MAX_TEXT_CHARS)] | list[TextPart]
     name: Text | None = Field(None, max_length=256)
+    # What an assistant message copied from an OpenAI response carries besides its text
+    # (``annotations: []``, a refusal): accepted there and ignored, as history.
+    refusal: Text | None = Field(None, max_length=MAX_TEXT_CHARS, description="assistant messages only; ignored")
+    annotations: list[dict[str, Any]] | None = Field(None, description="assistant messages only; ignored")
 
     @model_validator(mode="before")
     @classmethod
@@ -182,6 +202,13 @@ class ChatMessage(_Body):
         if isinstance(values, dict):
             return {k: v for k, v in values.items() if v is not None or k in ("role", "content")}
         return values
+
+    @model_validator(mode="after")
+    def _assistant_fields(self) -> "ChatMessage":
+        for name in ("refusal", "annotations"):
+            if getattr(self, name) is not None and self.role != "assistant":
+                raise _field_error("assistant_only", name, f"only assistant messages carry {name}")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -214,7 +241,7 @@ class ChatCompletionRequest(DiffusionParameters):
     def _max_tokens(self) -> "ChatCompletionRequest":
         if self.max_completion_tokens is not None and self.max_tokens is not None \
                 and self.max_completion_tokens != self.max_tokens:
-            raise PydanticCustomError("max_tokens", "max_tokens and max_completion_tokens disagree; send one")
+            raise _field_error("max_tokens", "max_tokens", "max_tokens and max_completion_tokens disagree; send one")
         return self
 
     def requested_max_tokens(self) -> int | None:
@@ -222,6 +249,157 @@ class ChatCompletionRequest(DiffusionParameters):
 
 
 # ---------------------------------------------------------------- responses
+# The handlers build response bodies as plain dicts (a chunk per committed block, no model
+# validation on that path); these models are what /openapi.json documents for them, and the
+# schema run in tests/unit/test_serve_api.py holds every response to them.
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Response):
+    message: str = Field(description="what is wrong, starting with the field at fault when one is")
+    type: str = Field(description="invalid_request_error, authentication_error, server_error or timeout_error")
+    param: str | None = Field(description="the request field at fault (dotted path), else null")
+    code: str | None = Field(description="a machine-readable reason where there is one, e.g. model_not_found, "
+                             "invalid_api_key, request_too_large, context_length_exceeded, overloaded, timeout")
+
+
+class ErrorResponse(_Response):
+    """OpenAI's error body, for every status other than 200."""
+
+    error: ErrorDetail
+
+
+class Usage(_Response):
+    """OpenAI's token counts plus what a diffusion answer costs: a masked-diffusion model
+    commits several answer tokens per forward, so the cost of an answer is its model forwards,
+    not its tokens."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    model_forwards: int = Field(description="model forwards the answer took, summed over its choices (a batched "
+                                "forward counts once for each request in the batch)")
+    tokens_per_forward: float = Field(description="completion_tokens / model_forwards, rounded to 2 decimals; "
+                                      "0 when there were no forwards")
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class CompletionResponse(_Response):
+    """``POST /v1/completions`` without ``stream``: one choice per prompt."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(_Response):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason | None = Field(description="null until the choice's last chunk")
+
+
+class CompletionChunk(_Response):
+    """One server-sent event of a streamed completion: new text of one choice, or (last, with
+    ``stream_options.include_usage``) no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = Field(None, description="only on the last chunk, with stream_options.include_usage")
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(_Response):
+    """``POST /v1/chat/completions`` without ``stream``."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Response):
+    role: Literal["assistant"] | None = Field(None, description="on the first chunk only")
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: FinishReason | None = Field(description="null until the last chunk")
+
+
+class ChatCompletionChunk(_Response):
+    """One server-sent event of a streamed chat completion: the role first, then new text, or
+    (last, with ``stream_options.include_usage``) no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(None, description="only on the last chunk, with stream_options.include_usage")
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Response):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(_Response):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    """A sampler replica answered; what it said about itself (device, load time, ...) follows."""
+
+    model_config = ConfigDict(extra="allow")
+    status: Literal["ready"]
+    model: str
+
+
+class NotReady(_Response):
+    status: Literal["not ready"]
+    reason: str = Field(description="why, e.g. no sampler replica is up yet")
 
 
 def new_id(prefix: str) -> str:
@@ -234,13 +412,16 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": safe, "type": kind, "param": param, "code": code}}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, model_forwards: int) -> dict[str, Any]:
+    """A :class:`Usage` body."""
+    per_forward = round(completion_tokens / model_forwards, 2) if model_forwards else 0
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens, "model_forwards": model_forwards,
+            "tokens_per_forward": per_forward}
 
 
 def completion_body(response_id: str, model: str, choices: list[dict[str, Any]],
-                    usage_body: dict[str, int] | None, chunk: bool = False) -> dict[str, Any]:
+                    usage_body: dict[str, Any] | None, chunk: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"id": response_id, "object": "text_completion", "created": int(time.time()),
                             "model": model, "choices": choices}
     if usage_body is not None or not chunk:
@@ -249,7 +430,7 @@ def completion_body(response_id: str, model: str, choices: list[dict[str, Any]],
 
 
 def chat_body(response_id: str, model: str, choices: list[dict[str, Any]],
-              usage_body: dict[str, int] | None, chunk: bool = False) -> dict[str, Any]:
+              usage_body: dict[str, Any] | None, chunk: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"id": response_id, "object": "chat.completion.chunk" if chunk else "chat.completion",
                             "created": int(time.time()), "model": model, "choices": choices}
     if usage_body is not None or not chunk:

@@ -1,5 +1,10 @@
-"""The sampler replica: loads the model once, batches concurrent requests with ``@serve.batch``
-and streams each committed block back to the ingress.
+"""The sampler replica: loads the model once, runs the continuous batcher (serve/batching.py)
+that every request of the replica joins, streams each committed block back to the ingress, and
+exports its metrics to Prometheus through Ray's metrics.
+
+One batcher, not two in series: requests go straight from Serve's handle call into the running
+batch at the next block boundary, instead of through ``@serve.batch`` (which forms batches of its
+own and hands them over one after the other).
 
 Deployment options (replicas, autoscaling, max_ongoing/queued requests, resources) are not set
 here but from the serve config in serve/app.py, so the same class runs on a GPU cluster and a
@@ -13,23 +18,70 @@ import time
 from typing import Any, AsyncIterator
 
 import torch
-from ray import serve
 
 from llada_core.checkpoint import load_model
 from pipelines.storage import S3Settings
-from serve.batching import BatchRunner, BatchSlot, BlockUpdate, SampleFailure, SampleRequest
+from serve.batching import BlockUpdate, ContinuousBatcher, SampleFailure, SampleRequest
 from serve.checkpoint import local_checkpoint
 from serve.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
-MAX_OPEN_BATCHES = 1024
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Latency buckets (s): a one-block answer of a small model takes tens of ms on a GPU, a long
+# answer under load tens of seconds.
+_LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0]
+_BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 def replica_device() -> torch.device:
     """The GPU Ray gave this replica, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class PrometheusMetrics:
+    """The batcher's metrics as Ray metrics (``ray.serve.metrics``, which tags them with the
+    application, deployment and replica): Ray's metrics agent serves them to Prometheus (the
+    ``/metrics`` endpoint of each node's agent, ``ray.init(_metrics_export_port=...)``).
+
+    llada_sampler_queue_depth         gauge: requests waiting to join the running batch
+    llada_sampler_batch_rows          histogram: requests per round (one block of each)
+    llada_sampler_forwards_total      counter: batched model forwards
+    llada_sampler_tokens_total        counter: answer tokens handed out (rate() is tokens/s)
+    llada_sampler_tokens_per_second   gauge: tokens/s of the last round
+    llada_sampler_round_seconds       histogram: model time of a round
+    llada_sampler_request_seconds     histogram: arrival to last block, by outcome (ok / failed)
+    llada_sampler_first_block_seconds histogram: arrival to first block (time to first token)
+    """
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.queue_depth = metrics.Gauge("llada_sampler_queue_depth", "requests waiting to join the running batch")
+        self.batch_rows = metrics.Histogram("llada_sampler_batch_rows", "requests per round", _BATCH_BUCKETS)
+        self.forwards = metrics.Counter("llada_sampler_forwards_total", "batched model forwards")
+        self.tokens = metrics.Counter("llada_sampler_tokens_total", "answer tokens handed out")
+        self.tokens_per_second = metrics.Gauge("llada_sampler_tokens_per_second", "tokens/s of the last round")
+        self.round_seconds = metrics.Histogram("llada_sampler_round_seconds", "model time of a round",
+                                               _LATENCY_BUCKETS)
+        self.request_seconds = metrics.Histogram("llada_sampler_request_seconds", "arrival to last block",
+                                                 _LATENCY_BUCKETS, tag_keys=("outcome",))
+        self.first_block_seconds = metrics.Histogram("llada_sampler_first_block_seconds",
+                                                     "arrival to first block", _LATENCY_BUCKETS)
+
+    def round_done(self, rows: int, forwards: int, tokens: int, seconds: float, waiting: int) -> None:
+        self.queue_depth.set(waiting)
+        self.batch_rows.observe(rows)
+        self.forwards.inc(forwards)
+        if tokens:
+            self.tokens.inc(tokens)
+        self.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
+        self.round_seconds.observe(seconds)
+
+    def request_done(self, seconds: float, first_block_seconds: float | None, ok: bool) -> None:
+        self.request_seconds.observe(seconds, tags={"outcome": "ok" if ok else "failed"})
+        if first_block_seconds is not None:
+            self.first_block_seconds.observe(first_block_seconds)
 
 
 class Sampler:
@@ -48,45 +100,41 @@ class Sampler:
         self.model.eval()
         self.load_seconds = time.perf_counter() - started
         self._broken: BaseException | None = None
-        # With batching off there is nothing to wait for (Serve would wait the timeout whenever
-        # the queue is empty).
+        # With batching off there is nothing to wait for.
         batching = settings.batching
         wait_s = batching.batch_wait_timeout_s if batching.max_batch_size > 1 else 0.0
-        self._runner = BatchRunner(self.model, batching.max_batch_size, refill_wait_s=wait_s, on_fatal=self._on_error)
-        self._sample_batch.set_max_batch_size(batching.max_batch_size)
-        self._sample_batch.set_batch_wait_timeout_s(wait_s)
+        self._batcher = ContinuousBatcher(self.model, batching.max_batch_size, idle_wait_s=wait_s,
+                                          on_fatal=self._on_error, metrics=PrometheusMetrics(),
+                                          capacity=settings.replica.max_ongoing_requests)
         logger.info("loaded %s on %s in %.1f s", checkpoint, self.device, self.load_seconds)
 
     async def stream(self, request: SampleRequest) -> AsyncIterator[BlockUpdate | SampleFailure]:
-        tokens: tuple[int, ...] = ()
-        async for result in self._sample_batch(request):
-            if result is None:
-                continue
-            if request.stream_blocks or isinstance(result, SampleFailure):
-                yield result
-            else:
-                tokens += result.token_ids
-                if result.final:  # the whole answer as one last block
-                    yield BlockUpdate(result.blocks_done, result.num_blocks, tokens)
+        """Each block as it becomes final (or the failure)."""
+        async for result in self._batcher.stream(request):
+            yield result
 
-    # Many batches may be open at once: the runner queues their requests and merges those that
-    # wait for the model into one generate call (serve/batching.py: BatchRunner).
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_OPEN_BATCHES)
-    async def _sample_batch(self, requests: list[SampleRequest]) -> AsyncIterator[list[BatchSlot]]:
-        async for slots in self._runner.run(requests):
-            yield slots
+    async def answer(self, request: SampleRequest) -> BlockUpdate | SampleFailure:
+        """The whole answer as one BlockUpdate (or the failure): the plain call for requests
+        that do not stream their blocks."""
+        tokens: tuple[int, ...] = ()
+        forwards = 0
+        async for result in self._batcher.stream(request):
+            if isinstance(result, SampleFailure):
+                return result
+            tokens += result.token_ids
+            forwards += result.forwards
+            if result.final:
+                return BlockUpdate(result.blocks_done, result.num_blocks, tokens, forwards)
+        return SampleFailure(500, "the sampler ended the answer without its last block")
 
     async def ready(self) -> dict[str, Any]:
         return {"device": str(self.device), "load_seconds": round(self.load_seconds, 2),
-                "batches": self._runner.num_batches}
+                "rounds": self._batcher.stats.rounds}
 
-    async def batch_sizes(self) -> list[int]:
-        """Sizes of the generate calls so far (for tests and benchmarks)."""
-        return list(self._runner.batch_sizes)
-
-    async def batch_seconds(self) -> list[float]:
-        """Model time of each generate call so far (for benchmarks)."""
-        return list(self._runner.batch_seconds)
+    async def stats(self) -> dict[str, Any]:
+        """The batcher's totals (serve/batching.py: BatchStats) and what is queued and running
+        now, for tests and benchmarks (read deltas)."""
+        return {**vars(self._batcher.stats), "waiting": self._batcher.queue_depth, "running": self._batcher.running}
 
     def check_health(self) -> None:
         """Serve restarts the replica when this raises: after a device failure (CUDA error, out

@@ -143,6 +143,23 @@ def test_cached_forward_of_the_block_equals_the_full_forward(mode):
         torch.testing.assert_close(sliced.logits[row], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_cached_forward_at_per_row_starts_equals_each_rows_full_forward():
+    """cache_start and logits_slice per row (continuous batching: rows at different blocks)."""
+    model = tiny_model(num_layers=3)
+    x_BL = torch.cat([random_prompt(1, 14, 64, seed=1), random_prompt(1, 14, 64, seed=2)])
+    x_BL[0, 6:] = model.config.mask_token_id
+    x_BL[1, 10:] = model.config.mask_token_id
+    starts_B = torch.tensor([2, 9])
+    columns_BK = starts_B[:, None] + torch.arange(4)
+    full = model(x_BL, use_cache=True, logits_slice=columns_BK)
+    expected = torch.stack([model(x_BL).logits[b, columns_BK[b]] for b in range(2)])
+    torch.testing.assert_close(full.logits, expected, rtol=1e-5, atol=1e-5)
+    cached = model(x_BL.gather(1, columns_BK), past_key_values=full.past_key_values, cache_start=starts_B)
+    torch.testing.assert_close(cached.logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="^cache_start:"):
+        model(x_BL.gather(1, columns_BK), past_key_values=full.past_key_values, cache_start=torch.tensor([2, 11]))
+
+
 def test_cache_keys_carry_rope_at_absolute_positions():
     model = tiny_model()
     x_BL = random_prompt(1, 10, 64)

@@ -1,11 +1,13 @@
 """The OpenAI-compatible API (serve/api.py) in process, without Ray: a tiny model behind the
-FastAPI app through an in-process backend. Response shapes, SSE streaming, error statuses,
-API key, timeout and backpressure answers, and a schema fuzz run that must find no 5xx."""
+FastAPI app through an in-process backend. Response shapes, SSE streaming, usage (model
+forwards), error statuses, API key, body cap, timeout and backpressure answers, and a schema
+run that must find no 5xx and no response that /openapi.json does not document."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import pytest
 import torch
@@ -15,29 +17,65 @@ from hypothesis.errors import Unsatisfiable
 from starlette.testclient import TestClient
 
 from llada_core import LLaDAMoEModelLM, preset
+from llada_core.sampling import CommittedBlocks, generate
 from pipelines.tokenizer import special_token_ids, train_bpe
 from serve.api import OpenAIServer, Overloaded, create_app
-from serve.batching import BatchRunner, SampleRequest, sample_group
+from serve.batching import BlockUpdate, SampleRequest
 from serve.config import ServeConfig
 from serve.validation import ModelInfo
 
 MODEL_NAME = "tiny-llada"
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "one two three four five six",
          "HUMAN ASSISTANT SYSTEM"] * 10
+_END = object()
+
+
+def sample_alone(model: LLaDAMoEModelLM, request: SampleRequest, on_block=None) -> list[int]:
+    """generate() on one request, as the sampler serves it alone -> its answer tokens."""
+    prompt_1P = torch.tensor([request.prompt_ids])
+    x_1L = generate(model, prompt_1P, options=request.options, eot_id=request.eot_id, on_block=on_block)
+    return x_1L[0, prompt_1P.shape[1]:][:request.max_tokens].tolist()
 
 
 class InProcessBackend:
-    """The sampler in this process: each request is sampled alone by the batch runner."""
+    """The sampler in this process: generate() on one request at a time, each committed block
+    streamed as it lands, with the model forwards counted (a forward hook) since the previous
+    block."""
 
     def __init__(self, model: LLaDAMoEModelLM) -> None:
-        self.runner = BatchRunner(model)
+        self.model = model
+        self.lock = threading.Lock()  # one request at a time, so that every forward counted is its own
 
     async def stream(self, request: SampleRequest):
-        async for slots in self.runner.run([request]):
-            if slots[0] is StopIteration:
-                return
-            if slots[0] is not None:
-                yield slots[0]
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = loop.run_in_executor(None, self._sample, request, lambda item: loop.call_soon_threadsafe(
+            queue.put_nowait, item))
+        while (item := await queue.get()) is not _END:
+            yield item
+        await done  # re-raises what generate() raised
+
+    def _sample(self, request: SampleRequest, put) -> None:  # on a worker thread
+        forwards = reported = 0
+
+        def count(*_) -> None:
+            nonlocal forwards
+            forwards += 1
+
+        def on_block(committed: CommittedBlocks) -> None:
+            nonlocal reported
+            keep = max(0, request.max_tokens - committed.answer_start)
+            tokens = tuple(committed.tokens_BT[0, :keep].tolist())
+            put(BlockUpdate(committed.blocks.stop, committed.num_blocks, tokens, forwards - reported))
+            reported = forwards
+
+        with self.lock:
+            hook = self.model.register_forward_hook(count)
+            try:
+                sample_alone(self.model, request, on_block)
+            finally:
+                hook.remove()
+                put(_END)
 
     async def ready(self) -> dict:
         return {"device": "cpu"}
@@ -60,6 +98,11 @@ class FullBackend:
 
     async def ready(self) -> dict:
         return {}
+
+
+class NoReplicaBackend(FullBackend):
+    async def ready(self) -> dict:
+        raise RuntimeError("no sampler replica is up")
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +163,31 @@ def test_completion_text_is_the_decoded_answer_of_the_sampler(client, parts):
     from llada_core import SamplingOptions
     options = SamplingOptions(gen_length=8, steps=8, block_length=4)
     request = SampleRequest("x", prompt_ids, 6, options, eot_id=info.eot_id)
-    expected = tokenizer.decode([t for t in sample_group(model, [request])[0] if t < len(tokenizer)],
+    expected = tokenizer.decode([t for t in sample_alone(model, request) if t < len(tokenizer)],
                                 skip_special_tokens=True)
     assert choice["text"] == expected and choice["finish_reason"] == "length"
+    # The reference schedule takes one forward per sampling step: 8 for 6 tokens.
     assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 6,
-                             "total_tokens": len(prompt_ids) + 6}
+                             "total_tokens": len(prompt_ids) + 6, "model_forwards": 8, "tokens_per_forward": 0.75}
+
+
+def test_usage_counts_the_model_forwards_of_every_choice(client):
+    """Fewer steps than tokens: each forward commits several tokens, which usage shows."""
+    body = completion(client, prompt=["the cat", "a dog"], max_tokens=8, steps=4, ignore_eos=True).json()
+    usage = body["usage"]
+    assert (usage["completion_tokens"], usage["model_forwards"], usage["tokens_per_forward"]) == (16, 8, 2.0)
+
+
+def test_usage_sums_the_forwards_the_sampler_reports_and_streams_them_too(parts):
+    blocks = [[7] * 4, [7] * 4, [7] * 4]
+    client = client_for(parts, backend=ScriptedBackend(blocks, forwards=[3, 2, 2]))
+    body = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 12, "block_length": 4, "ignore_eos": True}
+    usage = client.post("/v1/completions", json=body).json()["usage"]
+    assert (usage["completion_tokens"], usage["model_forwards"], usage["tokens_per_forward"]) == (12, 7, 1.71)
+    events = sse_events(client, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1]["usage"] == usage
+    silent = client_for(parts, backend=ScriptedBackend(blocks))  # a sampler that reports no forwards
+    assert silent.post("/v1/completions", json=body).json()["usage"]["tokens_per_forward"] == 0
 
 
 def test_several_prompts_give_one_choice_each(client):
@@ -147,19 +210,19 @@ def test_streamed_completion_adds_up_to_the_plain_answer(client):
     assert texts == [c["text"] for c in plain["choices"]]
     assert finish == ["length", "length"]
     assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+    assert plain["usage"]["model_forwards"] == 2 * 12  # two prompts, one forward per step
 
 
 class ScriptedBackend:
     """Blocks of known tokens: each block's text is known, so each must arrive as one chunk."""
 
-    def __init__(self, blocks: list[list[int]]) -> None:
+    def __init__(self, blocks: list[list[int]], forwards: list[int] | None = None) -> None:
         self.blocks = blocks
+        self.forwards = forwards or [0] * len(blocks)
 
     async def stream(self, request: SampleRequest):
-        from serve.batching import BlockUpdate
-
-        for index, block in enumerate(self.blocks):
-            yield BlockUpdate(index, len(self.blocks), tuple(block))
+        for index, (block, forwards) in enumerate(zip(self.blocks, self.forwards, strict=True)):
+            yield BlockUpdate(index + 1, len(self.blocks), tuple(block), forwards)
 
     async def ready(self) -> dict:
         return {}
@@ -229,6 +292,45 @@ def test_malformed_bodies_are_400(client):
     assert client.get("/v1/completions").status_code == 405
 
 
+def test_a_chunked_body_is_held_to_the_cap_as_it_arrives(client):
+    """Without a Content-Length (chunked transfer encoding) the cap is checked on the bytes
+    received: over it, 413; under it, the request goes through."""
+    def chunked(prompt: str) -> object:
+        payload = json.dumps({"model": MODEL_NAME, "prompt": prompt, "max_tokens": 4}).encode()
+        return (payload[i:i + 512] for i in range(0, len(payload), 512))
+
+    request = client.build_request("POST", "/v1/completions", content=chunked("x" * 5000),
+                                   headers={"content-type": "application/json"})
+    assert "content-length" not in request.headers and request.headers["transfer-encoding"] == "chunked"
+    response = client.send(request)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large" and "4096" in error["message"]
+    small = client.build_request("POST", "/v1/completions", content=chunked("the cat"),
+                                 headers={"content-type": "application/json"})
+    assert client.send(small).status_code == 200
+
+
+def test_openai_options_this_server_does_not_support_are_named_in_param(client):
+    for fields, param in ((dict(n=2), "n"), (dict(top_p=0.5), "top_p"), (dict(echo=True), "echo"),
+                          (dict(stream_options={"include_usage": True}), "stream_options")):
+        response = completion(client, **fields)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == param and error["message"].startswith(f"{param}:"), error
+
+
+def test_an_assistant_message_copied_from_an_openai_response_is_accepted(client):
+    history = [{"role": "user", "content": "the cat"},
+               {"role": "assistant", "content": "sat", "refusal": None, "annotations": []},
+               {"role": "user", "content": "on"}]
+    body = {"model": MODEL_NAME, "messages": history, "max_tokens": 4}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    history[0]["annotations"] = []
+    error = client.post("/v1/chat/completions", json=body).json()["error"]
+    assert error["param"] == "messages.0.annotations" and "only assistant messages" in error["message"]
+
+
 def test_api_key_is_required_on_v1_only(parts):
     secured = client_for(parts, api_key="s3cret")
     assert secured.get("/v1/models").status_code == 401
@@ -278,19 +380,69 @@ def served_model(case, model_name: str) -> None:
         case.path_parameters["model_id"] = model_name
 
 
-def test_schema_fuzz_finds_no_server_error(parts):
-    """Property-based run over the OpenAPI schema: positive and negative cases of every
-    operation, half of them aimed at the served model; any 5xx fails."""
+def conformance_checks() -> list:
+    """Schemathesis' checks that a response is one /openapi.json documents (status, content
+    type, body schema, required headers) and not a 5xx."""
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    return [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+            response_headers_conformance]
+
+
+def api_schema(app):
     import schemathesis
 
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+def test_schema_fuzz_finds_no_server_error_and_no_undocumented_response(parts):
+    """Property-based run over the OpenAPI schema: positive and negative cases of every
+    operation, half of them aimed at the served model; any 5xx fails, and so does any response
+    whose status, content type, body or headers /openapi.json does not document."""
     app = client_for(parts, backend=CheckingBackend()).app
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [result.ok() for result in api_schema(app).get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
     statuses: list[int] = []
     with TestClient(app) as fuzz_client:  # one event loop for the whole run
         fuzz(operations, fuzz_client, statuses)
     assert statuses.count(200) >= 5 and sum(400 <= s < 500 for s in statuses) >= 50, "the fuzz run went nowhere"
+
+
+def test_the_schema_documents_every_status_the_server_sends_and_no_422(parts):
+    """The statuses a fuzz run seldom or never meets (401, 413, 503, 504, streamed 200s), each
+    sent once and held to /openapi.json by the same checks."""
+    app = client_for(parts, backend=CheckingBackend()).app
+    schema = api_schema(app)
+    document = app.openapi()
+    assert all("422" not in op["responses"] for item in document["paths"].values() for op in item.values())
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    post = schema["/v1/completions"]["POST"]
+    body = {"model": MODEL_NAME, "prompt": "the cat", "max_tokens": 4}
+    cases = [  # (app, case, expected status)
+        (app, post.Case(body={**body, "stream": True, "stream_options": {"include_usage": True}}), 200),
+        (app, schema["/v1/chat/completions"]["POST"].Case(body={
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "stream": True}), 200),
+        (app, post.Case(body={**body, "n": 2}), 400),
+        (app, post.Case(body={**body, "prompt": "x" * 5000}), 413),
+        (app, post.Case(body={**body, "model": "other"}), 404),
+        (client_for(parts, api_key="s3cret").app, post.Case(body=body), 401),
+        (client_for(parts, backend=FullBackend()).app, post.Case(body=body), 503),
+        (client_for(parts, backend=SlowBackend(), timeout_s=0.2).app, post.Case(body=body), 504),
+        (client_for(parts, backend=NoReplicaBackend()).app, schema["/ready"]["GET"].Case(), 503),
+    ]
+    for served, case, status in cases:
+        with TestClient(served) as http:
+            kwargs = case.as_transport_kwargs()
+            response = http.request(kwargs["method"], case.formatted_path, json=kwargs.get("json"))
+        assert response.status_code == status, response.text[:300]
+        checks = [check for check in conformance_checks() if status < 500 or check.__name__ != "not_a_server_error"]
+        case.validate_response(response, checks=checks)
 
 
 def fuzz(operations, fuzz_client: TestClient, statuses: list[int]) -> None:
@@ -315,6 +467,7 @@ def fuzz_operation(operation, mode, fuzz_client: TestClient, statuses: list[int]
                                        json=kwargs.get("json"), params=kwargs.get("params"))
         statuses.append(response.status_code)
         assert response.status_code < 500, (operation.path, case.body, response.text[:300])
+        case.validate_response(response, checks=conformance_checks(), headers=kwargs.get("headers"))
 
     try:
         run()

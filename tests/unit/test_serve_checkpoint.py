@@ -36,7 +36,7 @@ def test_local_metadata_gives_the_tokenizer_and_model_facts(checkpoint_dir):
 
 def test_from_s3_the_ingress_reads_only_small_files_and_the_replica_everything(checkpoint_dir, s3_server,
                                                                                monkeypatch):
-    uri = storage.join(s3_server.bucket("serve"), "sft/best")
+    uri = storage.join(s3_server.bucket("serve"), "tiny-cpu/stages/sft/checkpoints/checkpoint_000800/hf")
     storage.upload_dir(str(checkpoint_dir), uri)
     read: list[str] = []
     original = storage.read_bytes

@@ -85,7 +85,8 @@ def test_a_serve_config_file_loads_and_flags_override_it_and_a_recipe_is_refused
 
 
 def test_printed_config_is_a_valid_serve_deploy_config_that_round_trips():
-    app_args = AppArgs.model_validate({"checkpoint": "s3://bucket/run/sft/best", "config": {
+    checkpoint = "s3://bucket/runs/tiny-cpu/stages/sft/checkpoints/checkpoint_000800/hf"
+    app_args = AppArgs.model_validate({"checkpoint": checkpoint, "config": {
         "port": 8080, "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6},
         "replica": {"num_gpus": 1, "max_ongoing_requests": 12, "max_queued_requests": 20}}})
     document = yaml.safe_load(serve_config_yaml(app_args))
@@ -96,7 +97,7 @@ def test_printed_config_is_a_valid_serve_deploy_config_that_round_trips():
     sampler, ingress = application["deployments"]
     assert sampler["autoscaling_config"]["max_replicas"] == 4
     assert sampler["autoscaling_config"]["target_ongoing_requests"] == 6
-    assert (sampler["max_ongoing_requests"], sampler["max_queued_requests"]) == (12, 20)
+    assert (sampler["max_ongoing_requests"], sampler["max_queued_requests"]) == (24, 20)  # router headroom x2
     assert sampler["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert document["http_options"]["host"] == "127.0.0.1" and document["http_options"]["port"] == 8080
     assert document["http_options"]["request_timeout_s"] > app_args.config.request_timeout_s

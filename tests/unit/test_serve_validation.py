@@ -172,6 +172,7 @@ def test_sample_requests_check_every_prompt_and_share_one_deadline():
     (dict(prompt="\ud800"), "lone surrogate"),
     (dict(remasking="top_k"), "remasking"),
     (dict(surprise=1), "surprise"),
+    (dict(stream_options={"include_usage": True}), "stream_options: only allowed when stream is true"),
 ])
 def test_unsupported_or_malformed_openai_fields_fail_validation(fields, needle):
     with pytest.raises(ValidationError) as caught:
@@ -181,8 +182,8 @@ def test_unsupported_or_malformed_openai_fields_fail_validation(fields, needle):
 
 def test_no_op_values_of_openai_options_are_accepted():
     body = completion(n=1, top_p=1.0, frequency_penalty=0, presence_penalty=0.0, logit_bias={}, echo=False,
-                      logprobs=None, best_of=1, user="me", stream_options={"include_usage": True})
-    assert body.n == 1
+                      logprobs=None, best_of=1, user="me", stream=True, stream_options={"include_usage": True})
+    assert body.n == 1 and completion(stream_options=None).stream_options is None
     chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
                                                  "tools": None, "response_format": {"type": "text"},
                                                  "max_completion_tokens": 5})
@@ -190,3 +191,24 @@ def test_no_op_values_of_openai_options_are_accepted():
     with pytest.raises(ValidationError, match="tool calling"):
         ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
                                               "tools": [{"type": "function"}]})
+
+
+def test_model_level_errors_name_their_field_for_error_param():
+    """pydantic locates a model validator's error at the model; the field goes in its context."""
+    for fields, param in ((dict(n=2), "n"), (dict(stream_options={}), "stream_options")):
+        with pytest.raises(ValidationError) as caught:
+            completion(**fields)
+        assert caught.value.errors()[0]["ctx"]["param"] == param
+
+
+def test_assistant_messages_may_carry_openai_response_fields_which_are_ignored(tokenizer):
+    copied = {"role": "assistant", "content": "sat", "refusal": None, "annotations": [], "tool_calls": None}
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [
+        {"role": "user", "content": "the cat"}, copied, {"role": "user", "content": "on"}]})
+    plain = ChatCompletionRequest.model_validate({"model": "m", "messages": [
+        {"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"},
+        {"role": "user", "content": "on"}]})
+    assert chat_prompt(body, tokenizer, CONFIG) == chat_prompt(plain, tokenizer, CONFIG)
+    with pytest.raises(ValidationError, match="only assistant messages carry annotations"):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [
+            {"role": "user", "content": "x", "annotations": []}]})

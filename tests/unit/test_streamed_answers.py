@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from llada_core import generate, load_model
 from pipelines.tokenizer import load_tokenizer, special_token_ids
 from serve.api import OpenAIServer, create_app
-from serve.batching import BatchRunner, SampleRequest
+from serve.batching import ContinuousBatcher, SampleRequest
 from serve.config import ServeConfig
 from serve.validation import ModelInfo
 
@@ -43,17 +43,13 @@ CHAT_QUESTIONS = ("who sells shells?", "count to five.", "what does the dog do?"
 
 
 class InProcessBackend:
-    """The sampler in this process, through the same batch runner a replica uses."""
+    """The sampler in this process, through the same continuous batcher a replica uses."""
 
     def __init__(self, model) -> None:  # type: ignore[no-untyped-def]
-        self.runner = BatchRunner(model, max_batch_size=8)
+        self.batcher = ContinuousBatcher(model, max_batch_size=8)
 
-    async def stream(self, request: SampleRequest):  # type: ignore[no-untyped-def]
-        async for slots in self.runner.run([request]):
-            if slots[0] is StopIteration:
-                return
-            if slots[0] is not None:
-                yield slots[0]
+    def stream(self, request: SampleRequest):  # type: ignore[no-untyped-def]
+        return self.batcher.stream(request)
 
     async def ready(self) -> dict:
         return {"device": "cpu"}
