@@ -99,6 +99,7 @@ def _serve_until_interrupted(app_args: AppArgs, ray_address: str | None) -> int:
         print(f"llada serve: {error}", file=sys.stderr)
         return 1
     started = time.perf_counter()
+    started_ray = not ray.is_initialized() and ray_address is None and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         try:
             ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
@@ -120,7 +121,7 @@ def _serve_until_interrupted(app_args: AppArgs, ray_address: str | None) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        return _stop()
+        return _stop(started_ray)
 
 
 def _announce(app_args: AppArgs, started: float) -> None:
@@ -136,7 +137,7 @@ def _announce(app_args: AppArgs, started: float) -> None:
     scaling = config.autoscaling
     print(f"serving {app_args.checkpoint} as {config.model_name!r} at {base}/v1 ({state})")
     print(f"  replicas {scaling.min_replicas}..{scaling.max_replicas}, batch <= {config.batching.max_batch_size}, "
-          f"queue <= {config.replica.max_queued_requests}, timeout {config.request_timeout_s:g} s, "
+          f"a replica holds <= {config.replica.max_ongoing_requests}, timeout {config.request_timeout_s:g} s, "
           f"API key {'required' if config.api_key_env else 'off'}")
     print(f"  try: {try_command(config)}")
     print("Ctrl-C (or SIGTERM) stops the server.", flush=True)
@@ -193,10 +194,14 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _stop() -> int:
-    """Delete the application, then stop Serve. Quiet: Serve's warnings about replicas it stops
-    are no news to whoever pressed Ctrl-C. How long the replicas may drain in-flight requests is
-    their ``graceful_shutdown_timeout_s`` (serve/app.py); a second Ctrl-C stops without waiting."""
+def _stop(started_ray: bool) -> int:
+    """Delete the application (its replicas drain what they hold, up to their
+    ``graceful_shutdown_timeout_s``, serve/app.py), then stop the local Ray this command started;
+    on a cluster it was pointed at, Serve and any other applications keep running. Quiet:
+    Serve's warnings about replicas it stops are no news to whoever pressed Ctrl-C (and
+    ``serve.shutdown()`` printed a failed-task warning from the controller it kills). A second
+    Ctrl-C stops without waiting."""
+    import ray
     from ray import serve
 
     from serve.app import APP_NAME
@@ -206,12 +211,14 @@ def _stop() -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         serve.delete(APP_NAME)
-        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
     except KeyboardInterrupt:
         print("stopped without waiting for the replicas to drain", file=sys.stderr)
         return 130
     except Exception as error:  # the cluster went away first: nothing is left to stop
         print(f"llada serve: while stopping: {one_line(error)}", file=sys.stderr)
+    print("stopped", flush=True)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Shared session fixtures.
 
 - ``ray_cluster``: ONE local Ray instance per test session (2 CPUs, no dashboard), started
-  lazily by the first test that asks for it. Unit tests never ask for it.
+  lazily by the first test that asks for it. Unit tests never ask for it. Its metrics agent
+  serves Prometheus on 127.0.0.1:``RAY_METRICS_PORT`` (the serving tests scrape it).
 - ``s3_server``: a real S3-protocol server (moto's server mode) on 127.0.0.1, started once per
   session; per test it sets the AWS environment (endpoint, region, fake credentials) and
   yields an :class:`S3Server` with the endpoint URL and bucket helpers.
@@ -35,6 +36,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+RAY_METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[dict]:
     """Start (once) and yield the local Ray cluster's resources; shut it down at session end."""
@@ -46,6 +50,7 @@ def ray_cluster() -> Iterator[dict]:
             include_dashboard=False,
             log_to_driver=False,
             runtime_env={"env_vars": dict(FAKE_AWS_ENV)},
+            _metrics_export_port=RAY_METRICS_PORT,
         )
     # Keep Ray Data's progress bars out of test logs.
     import ray.data
@@ -54,6 +59,12 @@ def ray_cluster() -> Iterator[dict]:
     context.enable_progress_bars = False
     yield ray.cluster_resources()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_url(ray_cluster: dict) -> str:
+    """The Prometheus endpoint of the session cluster's metrics agent."""
+    return f"http://127.0.0.1:{RAY_METRICS_PORT}/metrics"
 
 
 @dataclass

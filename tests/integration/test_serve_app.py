@@ -216,3 +216,30 @@ def test_overload_answers_503_and_the_server_recovers(server, auth):
     assert refused[1] == "1" and refused[2]["error"]["code"] == "overloaded"
     assert requests.post(url, json={**body, "max_tokens": 4, "block_length": 4, "steps": 4}, headers=auth,
                          timeout=60).status_code == 200
+
+
+def test_the_replica_exports_its_metrics_to_prometheus(server, auth, ray_metrics_url):
+    """Queue depth, rows per round, forwards, tokens and latency histograms reach the Prometheus
+    endpoint of Ray's metrics agent (it reports every few seconds, so this polls)."""
+    body = {"model": MODEL_NAME, "prompt": "the cat", "max_tokens": 8, "ignore_eos": True}
+    for _ in range(3):
+        assert requests.post(f"{server['base_url']}/v1/completions", json=body, headers=auth,
+                             timeout=60).status_code == 200
+    wanted = ("ray_llada_sampler_queue_depth", "ray_llada_sampler_batch_rows_count",
+              "ray_llada_sampler_forwards_total", "ray_llada_sampler_tokens_total",
+              "ray_llada_sampler_tokens_per_second", "ray_llada_sampler_round_seconds_bucket",
+              "ray_llada_sampler_request_seconds_bucket", "ray_llada_sampler_first_block_seconds_count")
+    deadline, values = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        text = requests.get(ray_metrics_url, timeout=30).text
+        values = {}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0]
+            if name in wanted and 'deployment="LLaDASampler"' in line:
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        if set(values) == set(wanted) and values["ray_llada_sampler_tokens_total"] >= 24:
+            break
+        time.sleep(2)
+    assert set(values) == set(wanted), f"missing: {sorted(set(wanted) - set(values))}"
+    assert values["ray_llada_sampler_tokens_total"] >= 24  # three answers of 8 tokens, at least
+    assert values["ray_llada_sampler_forwards_total"] >= 3 and values["ray_llada_sampler_batch_rows_count"] >= 3

@@ -81,24 +81,3 @@ def test_a_ray_that_cannot_be_reached_is_one_line_naming_its_address(tmp_path, m
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "ray://10.1.2.3:10001" in error
     assert error.startswith("llada serve: cannot start or reach Ray at ray://10.1.2.3:10001: Could not find")
-
-
-def test_ctrl_c_deletes_the_app_then_stops_serve_quietly_and_a_second_one_does_not_wait(monkeypatch):
-    import logging
-
-    from serve import cli
-
-    serve = pytest.importorskip("ray.serve")
-    for name in ("ray", "ray.serve"):  # _stop quiets them; give them back afterwards
-        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
-    calls: list[str] = []
-    monkeypatch.setattr(serve, "delete", lambda name: calls.append(f"delete {name}"))
-    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("shutdown"))
-    assert cli._stop() == 0 and calls == ["delete llada", "shutdown"]
-    assert logging.getLogger("ray.serve").level == logging.ERROR
-
-    def interrupted(name: str) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(serve, "delete", interrupted)
-    assert cli._stop() == 130
