@@ -84,7 +84,7 @@ class OpenAIServer:
                  api_key: str | None = None, max_in_flight: int | None = None) -> None:
         self.backend, self.tokenizer, self.model, self.config = backend, tokenizer, model, config
         self.api_key = api_key
-        self.max_in_flight = max_in_flight  # sampling requests at once (None: no limit here)
+        self.max_in_flight = max_in_flight  # prompts being sampled at once (None: no limit here)
         self.in_flight = 0
         self.decode = make_decoder(tokenizer)
         self.stop_ids = frozenset(i for i in (model.eos_id, model.eot_id) if i is not None)
@@ -118,6 +118,10 @@ class OpenAIServer:
             return True
         scheme, _, key = (authorization or "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+
+    def full(self) -> bool:
+        """Whether the samplers hold all the prompts this ingress may send them."""
+        return self.max_in_flight is not None and self.in_flight >= self.max_in_flight
 
     # ------------------------------------------------------------ answering
 
@@ -161,6 +165,8 @@ class OpenAIServer:
     async def _events(self, requests: Sequence[SampleRequest]) -> AsyncIterator[tuple[int, BlockUpdate]]:
         """(choice index, block) from every request's stream as they arrive, until all end.
         Raises RequestError (sampler failures, timeout) and Overloaded."""
+        if self.max_in_flight is not None and self.in_flight + len(requests) > self.max_in_flight:
+            raise Overloaded(f"{self.in_flight} prompts in progress, {len(requests)} more asked for")
         queue: asyncio.Queue = asyncio.Queue()
         end = object()
 
@@ -173,6 +179,7 @@ class OpenAIServer:
             finally:
                 queue.put_nowait((index, end))
 
+        self.in_flight += len(requests)  # all or none: a request is never half answered for lack of room
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
         deadline = requests[0].deadline
         try:
@@ -196,6 +203,7 @@ class OpenAIServer:
                 else:
                     yield index, item
         finally:
+            self.in_flight -= len(requests)
             for task in tasks:
                 task.cancel()
 
@@ -319,11 +327,11 @@ class Guard:
     counted as it arrives and refused once the count passes the cap, so it is never held in
     memory whole. /v1/* needs the key when the server has one (401 otherwise).
 
-    Admission: with ``max_in_flight`` sampling requests (completions and chat completions) in
-    progress, the next one gets 503 with Retry-After before its body is read, so a request the
-    samplers could not take costs no parsing, tokenising or call to a replica. Under 4x
-    overload on a laptop those refusals took as much CPU as the answers and left the model short
-    of it (benchmarks/RESULTS.md, "Serving under real traffic").
+    Admission: while the samplers hold all they can (:meth:`OpenAIServer.full`), a completion or
+    chat completion gets 503 with Retry-After before its body is read, so a request they could
+    not take costs no parsing, tokenising or call to a replica. Under 4x overload on a laptop
+    those refusals took as much CPU as the answers and left the model short of it
+    (benchmarks/RESULTS.md, "Serving under real traffic").
 
     Plain ASGI rather than ``@app.middleware``: Starlette's BaseHTTPMiddleware reads the body in
     a task group, which would wrap the 413 raised while counting in an ExceptionGroup that
@@ -342,19 +350,9 @@ class Guard:
             await refusal(scope, receive, send)
             return
         server = self.server
-        if scope["method"] == "POST" and _route(scope) in SAMPLING_ROUTES:
-            if server.max_in_flight is not None and server.in_flight >= server.max_in_flight:
-                await _overloaded(f"{server.in_flight} requests in progress")(scope, receive, send)
-                return
-            server.in_flight += 1
-            try:
-                await self._guarded(scope, receive, send)
-            finally:
-                server.in_flight -= 1
+        if scope["method"] == "POST" and _route(scope) in SAMPLING_ROUTES and server.full():
+            await _overloaded(f"{server.in_flight} prompts in progress")(scope, receive, send)
             return
-        await self._guarded(scope, receive, send)
-
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         cap, received = self.server.config.limits.max_request_bytes, 0
 
         async def counted() -> Message:

@@ -167,6 +167,10 @@ class ServeConfig(_Strict):
         if self.replica.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError(f"replica.max_ongoing_requests: {self.replica.max_ongoing_requests} is below "
                              f"batching.max_batch_size={self.batching.max_batch_size}, so a batch could never fill")
+        if limits.max_prompts_per_request > self.replica.max_ongoing_requests:
+            raise ValueError(f"limits.max_prompts_per_request: {limits.max_prompts_per_request} exceeds "
+                             f"replica.max_ongoing_requests={self.replica.max_ongoing_requests}; the prompts of a "
+                             "request are sampled at once and may all go to one replica")
         if sampling.max_tokens > limits.max_tokens:
             raise ValueError(f"sampling.max_tokens: the default {sampling.max_tokens} exceeds "
                              f"limits.max_tokens={limits.max_tokens}")

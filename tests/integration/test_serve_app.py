@@ -15,6 +15,7 @@ import time
 import pytest
 import requests
 import yaml
+from schema_checks import conformance_checks
 from serve_fixtures import API_KEY, API_KEY_ENV, MODEL_NAME, build_tiny_checkpoint, free_port, wait_until_ready
 
 pytestmark = pytest.mark.integration
@@ -32,7 +33,7 @@ def server(ray_cluster, tmp_path_factory):
     app_args = AppArgs.model_validate({"checkpoint": checkpoint, "config": {
         "model_name": MODEL_NAME, "port": port, "api_key_env": API_KEY_ENV, "request_timeout_s": 60,
         "sampling": {"max_tokens": 8, "block_length": 4, "threshold": None, "cache": None, "early_stop": False},
-        "limits": {"max_tokens": 32, "max_prompt_tokens": 64, "max_steps": 64},
+        "limits": {"max_tokens": 32, "max_prompt_tokens": 64, "max_steps": 64, "max_prompts_per_request": 6},
         "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.25},
         "replica": {"num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 6, "max_queued_requests": 16},
         "ingress": {"num_cpus": 0.1},
@@ -152,9 +153,10 @@ def test_api_key_is_required(server, auth):
     assert requests.get(f"{base}/health", timeout=30).status_code == 200  # probes need no key
 
 
-def test_schema_fuzz_against_the_server_finds_no_5xx(server, auth):
+def test_schema_fuzz_against_the_server_finds_no_5xx_and_no_undocumented_response(server, auth):
     """Property-based run over the live server's OpenAPI schema (bounded: 8 cases per operation
-    and mode, half aimed at the served model)."""
+    and mode, half aimed at the served model); through Serve's proxy, every answer is one the
+    schema documents (status, content type, body, required headers)."""
     import schemathesis
     from schemathesis import GenerationMode
 
@@ -185,6 +187,7 @@ def fuzz_operation(operation, mode, base: str, session, auth: dict, statuses: li
         response = case.call(base_url=base, session=session, headers=auth, timeout=60)
         statuses.append(response.status_code)
         assert response.status_code < 500, (operation.path, case.body, response.text[:300])
+        case.validate_response(response, checks=conformance_checks(), headers=auth)
 
     try:
         run()

@@ -23,6 +23,7 @@ from serve.api import OpenAIServer, Overloaded, create_app
 from serve.batching import BlockUpdate, SampleRequest
 from serve.config import ServeConfig
 from serve.validation import ModelInfo
+from schema_checks import conformance_checks
 
 MODEL_NAME = "tiny-llada"
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "one two three four five six",
@@ -380,21 +381,6 @@ def served_model(case, model_name: str) -> None:
         case.path_parameters["model_id"] = model_name
 
 
-def conformance_checks() -> list:
-    """Schemathesis' checks that a response is one /openapi.json documents (status, content
-    type, body schema, required headers) and not a 5xx."""
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (
-        content_type_conformance,
-        response_headers_conformance,
-        response_schema_conformance,
-        status_code_conformance,
-    )
-
-    return [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-            response_headers_conformance]
-
-
 def api_schema(app):
     import schemathesis
 
@@ -473,3 +459,58 @@ def fuzz_operation(operation, mode, fuzz_client: TestClient, statuses: list[int]
         run()
     except Unsatisfiable:
         assert mode == GenerationMode.NEGATIVE  # an operation without inputs has no invalid ones
+
+
+class HeldBackend:
+    """Answers one-token blocks once ``release`` is set; counts the prompts it holds."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.holding = 0
+
+    async def stream(self, request: SampleRequest):
+        self.holding += 1
+        await self.release.wait()
+        yield BlockUpdate(1, 1, (7,) * request.max_tokens, 1)
+
+    async def ready(self) -> dict:
+        return {}
+
+
+def test_the_ingress_admits_whole_requests_up_to_its_limit_and_refuses_the_rest_before_parsing(parts):
+    """max_in_flight 3: a 2-prompt request is held; another 2-prompt one would pass the limit
+    and gets 503 with Retry-After (all or none, never half answered); a 1-prompt one fits; once
+    full, even a body that is not JSON gets 503, not 400: it was refused before being read."""
+    import httpx
+
+    tokenizer, _, info, config = parts
+    backend = HeldBackend()
+    app = create_app(OpenAIServer(backend, tokenizer, info, config, max_in_flight=3))
+
+    async def scenario() -> list:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            def completion(prompts: list[str]):
+                return client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": prompts, "max_tokens": 2})
+
+            async def until_holding(count: int) -> None:
+                while backend.holding < count:
+                    await asyncio.sleep(0.01)
+
+            held = asyncio.create_task(completion(["the cat", "a dog"]))
+            await until_holding(2)
+            too_many = await completion(["one", "two"])
+            fits = asyncio.create_task(completion(["the mat"]))
+            await until_holding(3)
+            not_read = await client.post("/v1/completions", content=b"{not json",
+                                         headers={"Content-Type": "application/json"})
+            backend.release.set()
+            return [too_many, not_read, await held, await fits]
+
+    too_many, not_read, held, fits = asyncio.run(scenario())
+    for refused in (too_many, not_read):
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "overloaded"
+    assert "2 more asked for" in too_many.json()["error"]["message"]
+    assert held.status_code == 200 and len(held.json()["choices"]) == 2
+    assert fits.status_code == 200 and backend.holding == 3

@@ -58,6 +58,7 @@ def test_an_empty_config_is_valid_and_binds_to_localhost():
     ({"sampling": {"max_tokens": 2000}}, "sampling.max_tokens"),
     ({"sampling": {"cfg_scale": 50}}, "sampling.cfg_scale"),
     ({"replica": {"max_queued_requests": 0}}, "replica.max_queued_requests"),
+    ({"replica": {"max_ongoing_requests": 8}, "batching": {"max_batch_size": 8}}, "limits.max_prompts_per_request"),
     ({"replica": {"num_gpus": -1}}, "replica.num_gpus"),
     ({"api_key_env": "not a name"}, "api_key_env"),
     ({"replica": {"gpus": 1}}, "gpus"),
@@ -88,7 +89,8 @@ def test_printed_config_is_a_valid_serve_deploy_config_that_round_trips():
     checkpoint = "s3://bucket/runs/tiny-cpu/stages/sft/checkpoints/checkpoint_000800/hf"
     app_args = AppArgs.model_validate({"checkpoint": checkpoint, "config": {
         "port": 8080, "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6},
-        "replica": {"num_gpus": 1, "max_ongoing_requests": 12, "max_queued_requests": 20}}})
+        "replica": {"num_gpus": 1, "max_ongoing_requests": 12, "max_queued_requests": 20},
+        "limits": {"max_prompts_per_request": 12}}})
     document = yaml.safe_load(serve_config_yaml(app_args))
     ServeDeploySchema.model_validate(document)  # what `serve deploy` / a RayService checks
     application = document["applications"][0]
