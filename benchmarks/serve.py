@@ -3,6 +3,8 @@
 Run: .venv/bin/python benchmarks/serve.py                       # the demo's SFT checkpoint, laptop config
      .venv/bin/python benchmarks/serve.py --checkpoint PATH/hf --config serve/configs/laptop.yaml
      .venv/bin/python benchmarks/serve.py --seconds 20 --rounds 1   # shorter
+     .venv/bin/python benchmarks/serve.py --answers 10   # instead: the first 10 held-out reading
+                                    # questions through the openai client at 32, 64 and 128 tokens
 
 The whole stack runs on a local Ray (num_cpus=2): HTTP proxy, FastAPI ingress and one sampler
 replica deployed from the shipped laptop serve config (only the port changed), and closed-loop
@@ -168,6 +170,35 @@ def run_phase(base: str, name: str, clients: int, mixed: bool, seconds: float, s
             "errors": errors}
 
 
+def served_answers(base: str, count: int) -> int:
+    """Ask the first ``count`` held-out reading questions of the demo's eval set through the
+    official openai client, plain and streamed, at 32, 64 and 128 tokens (the server's other
+    defaults); print each setting's exact matches."""
+    import openai
+
+    path = DEFAULT_RUN / "data" / "corpus" / "eval" / "gen_reading.jsonl"
+    items = [json.loads(line) for line in path.read_text().splitlines()[:count]]
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    results = {}
+    for max_tokens in (32, 64, 128):
+        for stream in (False, True):
+            exact = 0
+            for item in items:
+                if stream:
+                    chunks = client.chat.completions.create(model="llada-moe", messages=item["messages"],
+                                                            max_tokens=max_tokens, stream=True)
+                    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+                else:
+                    text = client.chat.completions.create(model="llada-moe", messages=item["messages"],
+                                                          max_tokens=max_tokens).choices[0].message.content
+                exact += text.strip() == item["chat_answer"]
+            results[f"{max_tokens}{'_stream' if stream else ''}"] = exact
+            print(f"max_tokens {max_tokens}{' streamed' if stream else ''}: {exact} of {len(items)} exact "
+                  f"(last answer {text!r})", flush=True)
+    print(json.dumps({"questions": len(items), "exact": results}))
+    return 0
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -201,6 +232,7 @@ def main() -> int:
     parser.add_argument("--config", default=str(ROOT / "serve" / "configs" / "laptop.yaml"), help="serve config")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     parser.add_argument("--rounds", type=int, default=2, help="times the three phases are alternated")
+    parser.add_argument("--answers", type=int, metavar="N", help="ask N held-out reading questions instead")
     parser.add_argument("--phases", nargs="+", choices=[name for name, _, _ in PHASES],
                         default=[name for name, _, _ in PHASES], help="run only these phases (no bars then)")
     args = parser.parse_args()
@@ -213,6 +245,11 @@ def main() -> int:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     base = deploy(checkpoint, args.config, free_port())
+    if args.answers:
+        code = served_answers(base, args.answers)
+        serve.shutdown()
+        ray.shutdown()
+        return code
     sampler = serve.get_deployment_handle(SAMPLER_NAME, app_name=APP_NAME)
     roles = ray_processes()
     run_phase(base, "warm-up", 4, True, 5.0, seed=0)
