@@ -20,6 +20,7 @@ from jobs.evaluation.tasks import EvalSuiteConfig
 from jobs.edits import archive_stage, check_changes, restart_closure, stored_stage_config
 from jobs.recipe import DEFAULT_AVERAGE_K, RunRecipe
 from jobs.stage_config import StageConfig
+from jobs.tracking import Tracker
 from pipelines import storage
 
 DONE_RECORD = "done.json"
@@ -180,6 +181,20 @@ def run_recipe(recipe: RunRecipe, s3: storage.S3Settings | None = None, only_sta
     check_eval_sources(recipe, s3)
     check_cluster_fits(recipe)
     storage.write_json(storage.join(recipe.run_uri, "recipe.json"), recipe.model_dump(mode="json"), s3)
+    tracker = Tracker(recipe, s3, progress)
+    tracker.start()
+    try:
+        outcomes = _run_stages(recipe, s3, only_stage, progress, on_step, restart, accept_changes, tracker)
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    tracker.finish()
+    return outcomes
+
+
+def _run_stages(recipe: RunRecipe, s3: storage.S3Settings | None, only_stage: str | None,
+                progress: Callable[[str], None], on_step: Callable[[dict[str, Any]], None] | None,
+                restart: list[str], accept_changes: bool, tracker: Tracker) -> list[StageOutcome]:
     prepared = prepare_data(recipe, s3, progress)
     check_stage_sizes(recipe, prepared)
     outcomes = []
@@ -202,12 +217,31 @@ def run_recipe(recipe: RunRecipe, s3: storage.S3Settings | None = None, only_sta
             outcomes.append(StageOutcome(stage.name, "skipped", done["selection"], 0.0))
             continue
         progress(f"[dag] {stage.name}: training ({stage.kind})")
-        selection = run_one_stage(recipe, config, s3, on_step, progress)
+        tracker.start_stage(stage.name, config)
+        selection = run_one_stage(recipe, config, s3, _tracked(on_step, tracker, stage.name), progress)
         progress(f"[dag] {stage.name}: selected {selection['checkpoint']['uri']} ({selection['reason']}; "
                  f"stage took {time.perf_counter() - started:.0f} s)")
+        tracker.log_selection(stage.name, selection)
+        if stage.name == recipe.stages[-1].name:
+            tracker.register(stage.name, selection)
+        tracker.finish_stage(stage.name)
         _write_done(recipe, stage.name, selection, s3)
         outcomes.append(StageOutcome(stage.name, "trained", selection, time.perf_counter() - started))
     return outcomes
+
+
+def _tracked(on_step: Callable[[dict[str, Any]], None] | None, tracker: Tracker,
+             name: str) -> Callable[[dict[str, Any]], None] | None:
+    """``on_step`` that also logs each training row to the stage's MLflow run."""
+    if not tracker.on:
+        return on_step
+
+    def both(row: dict[str, Any]) -> None:
+        tracker.log_step(name, row)
+        if on_step is not None:
+            on_step(row)
+
+    return both
 
 
 def _write_done(recipe: RunRecipe, name: str, selection: dict[str, Any], s3: storage.S3Settings | None) -> None:

@@ -76,6 +76,26 @@ class RecipeStage(Strict):
         return self
 
 
+class TrackingSpec(Strict):
+    """MLflow tracking and registry of the run (jobs/tracking.py). ``uri`` None: the environment's
+    MLFLOW_TRACKING_URI, else a SQLite store in a local run folder. Credentials never go here:
+    MLflow reads MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN from the environment."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, min_length=1)
+    experiment: str | None = Field(None, min_length=1)  # default: the run id
+    model_name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")  # default: the run id
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        if uri is not None and "@" in uri.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("credentials do not belong in the recipe: give the server's URI without user:password "
+                             "and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        return uri
+
+
 class RunRecipe(Strict):
     run_id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     storage_uri: str
@@ -85,6 +105,7 @@ class RunRecipe(Strict):
     eval: EvalBlock = "demo"  # the suite every checkpoint is scored with
     scaling: ScalingSpec = ScalingSpec()
     seed: int = 0
+    tracking: TrackingSpec = TrackingSpec()
 
     @model_validator(mode="before")
     @classmethod

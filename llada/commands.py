@@ -170,9 +170,13 @@ def run_status_command(args: argparse.Namespace) -> int:
     from jobs.dag import run_status
 
     recipe = load(args)
-    rows = run_status(recipe, _s3())
-    args.console.say(json.dumps({"run_uri": recipe.run_uri, "stages": rows}, indent=2) if args.json
-                     else status_table(rows))
+    from jobs.tracking import read_record, resolve_uri
+
+    s3 = _s3()
+    rows = run_status(recipe, s3)
+    tracking = read_record(recipe, s3) or {"uri": resolve_uri(recipe)[0], "run_id": None, "stages": {}}
+    args.console.say(json.dumps({"run_uri": recipe.run_uri, "tracking": tracking, "stages": rows}, indent=2)
+                     if args.json else status_table(rows))
     return 0
 
 
@@ -378,13 +382,27 @@ def add_serve_command(subparsers: Any) -> None:
     parser = add_serve_parser(subparsers)
     parser.add_argument("recipe", nargs="?", metavar="RECIPE",
                         help="recipe whose serve: block gives the settings and whose last stage's selected "
-                             "checkpoint is served (unless --checkpoint)")
+                             "checkpoint is served (unless --checkpoint or --model)")
+    parser.add_argument("--model", metavar="models:/NAME@ALIAS",
+                        help="serve the checkpoint a registered model version points to (MLflow registry: "
+                             "models:/NAME@champion or models:/NAME/VERSION)")
+    parser.add_argument("--tracking-uri", metavar="URI",
+                        help="the MLflow registry for --model (default: MLFLOW_TRACKING_URI, else the RECIPE's)")
     parser.set_defaults(handler=run_serve_command)
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
     from serve.cli import run_serve
 
+    if args.model:
+        if args.checkpoint:
+            print("llada serve: give either --model or --checkpoint, not both", file=sys.stderr)
+            return 2
+        try:
+            args.checkpoint = registered_checkpoint(args.model, args.tracking_uri, args.recipe)
+        except ValueError as error:
+            print(f"llada serve: {error}", file=sys.stderr)
+            return 2
     if not args.recipe:
         return run_serve(args)
     from jobs.dag import selected_checkpoint
@@ -403,6 +421,18 @@ def run_serve_command(args: argparse.Namespace) -> int:
             return 2
         print(f"serving {args.checkpoint} (the checkpoint stage {final!r} selected)", flush=True)
     return run_serve(args, base=recipe.serve or default_serve_config(recipe))
+
+
+def registered_checkpoint(model_uri: str, tracking_uri: str | None, recipe_uri: str | None) -> str:
+    """The storage URI of the checkpoint ``models:/NAME@ALIAS`` names in the registry at
+    ``tracking_uri``, else MLFLOW_TRACKING_URI, else the given recipe's tracking store."""
+    from jobs.tracking import resolve_model, resolve_uri
+
+    if tracking_uri is None and recipe_uri is not None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        tracking_uri = resolve_uri(load(argparse.Namespace(recipe=recipe_uri, set=[])))[0]
+    checkpoint, version = resolve_model(model_uri, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    print(f"serving {checkpoint} ({model_uri}: {version})", flush=True)
+    return checkpoint
 
 
 COMMANDS = (*COMMANDS, add_serve_command)

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from jobs.dag import corpus_uri, run_recipe, run_status
+from jobs.tracking import Tracker
 from jobs.training.stage import read_history
 from llada.answers import sample_answers
 from llada.console import Console, status_table
@@ -117,4 +118,9 @@ def run_demo_pipeline(recipe: Recipe, s3: storage.S3Settings | None = None, cons
     for sample in samples:
         console.say(f"> {sample['question']}\n  {sample['answer']}   (expected: {sample['expected']})")
     console.say(f"\ndemo finished in {seconds / 60:.1f} min; report: {storage.join(report_uri, 'report.md')}")
+    tracker = Tracker(recipe, s3, console.say)
+    if tracker.attach():
+        tracker.log_artifacts(report_uri, "report")
+        if tracker.on and (hint := tracker.ui_hint()):
+            console.say(f"runs, metrics and the registered model in MLflow: {hint}")
     return {"rows": rows, "samples": samples, "seconds": seconds, "report_uri": report_uri}

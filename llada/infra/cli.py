@@ -34,7 +34,11 @@ def add_infra_command(subparsers: Any) -> None:
     render.add_argument("--image", help=f"container image (default {IMAGE_REPOSITORY}:VERSION-cuda, or -cpu for "
                                         "recipes without GPUs)")
     render.add_argument("--stage", help="rayjob: run only this stage (default: the whole recipe)")
-    render.add_argument("--checkpoint", metavar="URI", help="rayservice (required): the exported checkpoint to serve")
+    render.add_argument("--checkpoint", metavar="URI", help="rayservice (this or --model): the exported checkpoint to serve")
+    render.add_argument("--model", metavar="models:/NAME@ALIAS",
+                        help="rayservice: serve the checkpoint this registered model version points to (resolved "
+                             "now, from MLflow at --tracking-uri, MLFLOW_TRACKING_URI or the recipe's tracking store)")
+    render.add_argument("--tracking-uri", metavar="URI", help="the MLflow registry for --model")
     render.add_argument("--serve-config", metavar="FILE",
                         help="rayservice: serve config YAML (default: the recipe's `serve:` block, else "
                              "serve/configs/gpu-cluster.yaml, or laptop.yaml for a CPU recipe)")
@@ -45,7 +49,7 @@ def add_infra_command(subparsers: Any) -> None:
 def command_line(args: argparse.Namespace) -> str:
     """The command that renders this manifest again (the first line of every rendered file)."""
     argv = ["llada", "infra", "render", args.recipe, "--kind", args.kind]
-    for flag in ("stage", "checkpoint", "serve_config", "image"):
+    for flag in ("stage", "checkpoint", "model", "tracking_uri", "serve_config", "image"):
         if getattr(args, flag):
             argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
     for override in args.set:
@@ -54,10 +58,11 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    if args.kind == "rayservice" and not args.checkpoint:
-        raise ValueError("--kind rayservice: --checkpoint URI is required (the exported checkpoint to serve, "
-                         "e.g. the `hf` folder of the run's selected SFT checkpoint)")
-    for flag, kind in (("checkpoint", "rayservice"), ("serve_config", "rayservice"), ("stage", "rayjob")):
+    if args.kind == "rayservice" and bool(args.checkpoint) == bool(args.model):
+        raise ValueError("--kind rayservice: give --checkpoint URI (the exported checkpoint to serve, e.g. the `hf` "
+                         "folder of the run's selected SFT checkpoint) or --model models:/NAME@ALIAS, one of them")
+    for flag, kind in (("checkpoint", "rayservice"), ("model", "rayservice"), ("serve_config", "rayservice"),
+                       ("stage", "rayjob")):
         if getattr(args, flag) and args.kind != kind:
             raise ValueError(f"--{flag.replace('_', '-')}: only for --kind {kind}")
 
@@ -74,7 +79,12 @@ def manifest(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
             recipe.stage(args.stage)  # a clear error for an unknown stage
         return infra.rayjob(recipe, infra.recipe_in_image(args.recipe), image, args.stage, args.set)
     if args.kind == "rayservice":
-        return infra.rayservice(recipe, infra.serve_app_args(recipe, args.checkpoint, args.serve_config), image)
+        checkpoint = args.checkpoint
+        if args.model:
+            from llada.commands import registered_checkpoint
+
+            checkpoint = registered_checkpoint(args.model, args.tracking_uri, args.recipe)
+        return infra.rayservice(recipe, infra.serve_app_args(recipe, checkpoint, args.serve_config), image)
     return cluster_launcher.cluster_launcher(recipe, image)
 
 

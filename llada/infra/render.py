@@ -14,7 +14,9 @@ dicts; ``render_yaml`` writes them. Every kind has the same cluster layout:
 Nothing secret is written. S3 credentials come from the Secret ``llada-storage`` (envFrom: its
 keys are the standard AWS variables), the Ray auth token from ``llada-ray-auth`` (key
 ``auth_token``; KubeRay >= 1.6 injects RAY_AUTH_MODE and RAY_AUTH_TOKEN from the Secret that
-``authOptions.secretName`` names), the API key from ``llada-api-key`` (key ``api-key``).
+``authOptions.secretName`` names), the API key from ``llada-api-key`` (key ``api-key``), and the
+training pods' MLflow settings from ``llada-mlflow`` when it exists (envFrom, optional: its keys are
+MLflow's variables, MLFLOW_TRACKING_URI and MLFLOW_TRACKING_USERNAME / _PASSWORD or _TOKEN).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ KUBERAY_API_VERSION = "ray.io/v1"
 MAX_NAME_LENGTH = 47  # KubeRay: RayJob/RayService names <= 47 characters (53 for a RayCluster)
 STORAGE_SECRET, RAY_AUTH_SECRET, API_KEY_SECRET, API_KEY_SECRET_KEY = (
     "llada-storage", "llada-ray-auth", "llada-api-key", "api-key")
+TRACKING_SECRET = "llada-mlflow"  # optional: MLflow's environment variables for the drivers
 SCALE_UP_TIMEOUT_S = 1800  # GPU nodes can take many minutes to provision
 RAYJOB_BACKOFF_LIMIT = 2  # each retry is a new cluster; `llada run` skips finished stages and resumes
 GPUS_PER_NODE = 8  # p4d/p5-class nodes; expert-parallel groups of up to 8 stay inside one node
@@ -160,6 +163,7 @@ class PodSettings:
     api_key_env: str | None = None  # the serve config's api_key_env, from the API key Secret
     serve_port: int | None = None  # the Serve proxy's port (RayService)
     scale_up: bool = False  # let drivers wait for the autoscaler (training)
+    tracking_secret: bool = False  # envFrom the MLflow Secret, if it exists (training)
 
 
 def _env(settings: PodSettings) -> list[dict[str, Any]]:
@@ -185,8 +189,11 @@ def pod_template(role: str, shape: NodeShape, settings: PodSettings, ports: list
     }
     if env := _env(settings):
         container["env"] = env
-    if settings.storage_secret:
-        container["envFrom"] = [{"secretRef": {"name": STORAGE_SECRET}}]
+    env_from = [{"secretRef": {"name": STORAGE_SECRET}}] if settings.storage_secret else []
+    if settings.tracking_secret:
+        env_from.append({"secretRef": {"name": TRACKING_SECRET, "optional": True}})
+    if env_from:
+        container["envFrom"] = env_from
     if settings.serve_port is not None:
         ports = [*ports, {"name": "serve", "containerPort": settings.serve_port}]
     if ports:
@@ -228,7 +235,8 @@ def _manifest(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _training_settings(recipe: Recipe, image: str) -> PodSettings:
-    return PodSettings(image=image, storage_secret=uses_s3(recipe.model_dump(mode="json")), scale_up=True)
+    return PodSettings(image=image, storage_secret=uses_s3(recipe.model_dump(mode="json")), scale_up=True,
+                       tracking_secret=recipe.tracking.enabled)
 
 
 def stage_scalings(recipe: Recipe, stage: str | None = None) -> list[ScalingSpec]:

@@ -50,7 +50,8 @@ def small_recipe(storage_uri: str) -> Recipe:
     return Recipe.model_validate(raw)
 
 
-def test_dag_hands_off_selects_resumes_and_skips(ray_cluster, tmp_path):
+def test_dag_hands_off_selects_resumes_and_skips(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the serverless default store
     recipe = small_recipe(str(tmp_path))
     with pytest.raises(Exception, match="fault injection"):
         run_recipe(recipe, progress=lambda line: None)  # sft crashes at step 3, no retries
@@ -94,6 +95,20 @@ def test_dag_hands_off_selects_resumes_and_skips(ray_cluster, tmp_path):
     wins = averaging["average_score"] >= best_single
     assert averaging["winner"] == ("average" if wins else "single")
     assert (selection["checkpoint"]["uri"] == average_uri) == wins
+
+    # Tracking, with nothing configured: MLflow's serverless store in the run folder. The crashed
+    # and resumed runs are one MLflow run, and the resumed stage has every step once.
+    from mlflow import MlflowClient
+
+    from jobs.tracking import read_record
+
+    tracked = read_record(recipe)
+    assert tracked["uri"] == f"sqlite:///{tmp_path}/dag-test/mlflow/mlflow.db"
+    client = MlflowClient(tracking_uri=tracked["uri"])
+    runs = client.search_runs([tracked["experiment_id"]])
+    assert sorted(run.info.run_name for run in runs) == ["anneal1", "dag-test", "pretrain1", "sft"]
+    assert [m.step for m in client.get_metric_history(tracked["stages"]["sft"], "loss")] == [1, 2, 3, 4]
+    assert client.get_run(tracked["run_id"]).info.status == "FINISHED"
 
     started = time.perf_counter()
     outcomes = run_recipe(recipe, progress=lambda line: None)  # everything finished: all skipped

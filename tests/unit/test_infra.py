@@ -197,7 +197,11 @@ def test_credentials_come_from_secrets_and_are_never_inlined(path):
     text = path.read_text()
     document = yaml.safe_load(text)
     for container in all_containers(document):
-        assert container["envFrom"] == [{"secretRef": {"name": "llada-storage"}}]
+        # The storage Secret, and on training clusters MLflow's (optional: tracking may be off).
+        assert container["envFrom"][0] == {"secretRef": {"name": "llada-storage"}}
+        assert container["envFrom"][1:] in ([], [{"secretRef": {"name": "llada-mlflow", "optional": True}}])
+        if document["kind"] != "RayService":
+            assert container["envFrom"][1:], "training pods get MLflow's settings from the llada-mlflow Secret"
         for variable in container.get("env", []):
             if re.search(r"KEY|SECRET|TOKEN|PASSWORD", variable["name"]):
                 assert "value" not in variable and "secretKeyRef" in variable["valueFrom"], variable
@@ -222,7 +226,7 @@ def test_the_cpu_recipe_renders_a_cpu_only_cluster(capsys):
 
 def test_s3_storage_brings_the_storage_secret(capsys):
     cluster = yaml.safe_load(render(capsys, CPU_RECIPE, "--kind", "raycluster", "--set", "storage_uri=s3://b/runs"))
-    assert all(c["envFrom"] == [{"secretRef": {"name": "llada-storage"}}] for c in all_containers(cluster))
+    assert all(c["envFrom"][0] == {"secretRef": {"name": "llada-storage"}} for c in all_containers(cluster))
     assert "local to each node" not in capsys.readouterr().err
 
 
@@ -295,7 +299,9 @@ def test_the_dockerfile_installs_the_way_make_setup_does():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--kind", "rayservice"], "--checkpoint URI is required"),
+    (["--kind", "rayservice"], "give --checkpoint URI"),
+    (["--kind", "rayservice", "--checkpoint", "/c/hf", "--model", "models:/m@champion"], "one of them"),
+    (["--kind", "rayjob", "--model", "models:/m@champion"], "--model: only for --kind rayservice"),
     (["--kind", "raycluster", "--checkpoint", CHECKPOINT], "--checkpoint: only for --kind rayservice"),
     (["--kind", "raycluster", "--stage", "sft"], "--stage: only for --kind rayjob"),
     (["--kind", "rayjob", "--stage", "nope"], "no stage named 'nope'"),
