@@ -121,3 +121,19 @@ def test_a_run_is_tracked_registered_and_served_by_alias(ray_cluster, mlflow_ser
     assert main(["serve", "--model", "models:/tracked-llada@nobody", "--tracking-uri", mlflow_server,
                  "--print-config"]) == 2
     assert "models:/tracked-llada@nobody is not in the registry" in capsys.readouterr().err
+
+
+def test_a_tracking_server_that_is_down_never_stops_training(ray_cluster, tmp_path):
+    """Tracking at a port nothing listens on: one warning that names the URI, and the stage
+    trains, scores and selects as without tracking."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    recipe = two_stage_recipe(str(tmp_path), dead)
+    raw = recipe.model_dump(mode="json", exclude_none=True)
+    raw["stages"] = raw["stages"][:1]
+    recipe = Recipe.model_validate(raw)
+    lines: list[str] = []
+    outcomes = run_recipe(recipe, progress=lines.append)
+    assert [(o.name, o.status) for o in outcomes] == [("pretrain1", "trained")]
+    warnings = [line for line in lines if line.startswith("[tracking]") and "failed" in line]
+    assert len(warnings) == 1 and dead in warnings[0] and "tracking is off" in warnings[0]
+    assert run_status(recipe)[0]["selected"]["step"] == recipe.stages[0].num_steps
