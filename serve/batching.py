@@ -40,13 +40,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Hashable, Protocol, Sequence
+from typing import AsyncIterator, Callable, Hashable, Protocol
 
 import torch
 from torch import nn
 
 from llada_core.options import SamplingOptions
-from llada_core.sampling import BlockRow, Resolved, next_blocks, resolve
+from llada_core.sampling import BlockRow, next_blocks, resolve
 
 logger = logging.getLogger(__name__)
 
