@@ -369,7 +369,33 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (add_run_command, add_status_command, add_eval_command, add_lm_eval_command, add_generate_command,
+def add_plan_command(subparsers: Any) -> None:
+    plan = subparsers.add_parser("plan", help="what each stage will do, on what, for how long; every problem, "
+                                              "before anything trains")
+    _recipe_arguments(plan)
+    plan.add_argument("--gpus", type=int, metavar="N", help="check the layout against a cluster of N GPUs")
+    plan.add_argument("--mfu", type=float, default=None, metavar="X",
+                      help="model FLOPs utilisation the GPU-hours assume (default 0.35)")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.set_defaults(handler=run_plan_command)
+
+
+def run_plan_command(args: argparse.Namespace) -> int:
+    """Exit 0 when nothing would stop the recipe, 1 naming every problem (2: the recipe itself is
+    invalid, from load)."""
+    from llada.plan import DEFAULT_MFU, plan_recipe, render
+
+    recipe = load(args)
+    try:
+        plan = plan_recipe(recipe, _s3(), gpus=args.gpus, mfu=DEFAULT_MFU if args.mfu is None else args.mfu)
+    except ValueError as error:
+        print(f"llada plan: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_json(), indent=2) if args.json else render(plan))
+    return 1 if plan.problems else 0
+
+
+COMMANDS = (add_run_command, add_plan_command, add_status_command, add_eval_command, add_lm_eval_command, add_generate_command,
             add_submit_command, add_demo_command)
 
 

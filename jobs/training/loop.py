@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from jobs import checkpoints as ckpt
 from jobs.training.expert_parallel import enable_expert_parallel, native_state_dict
-from jobs.training.metrics import StepMetrics, measured_matmul_flops, model_flops_per_token, write_training_plot
+from jobs.training.metrics import StepMetrics, device_peak_flops, model_flops_per_token, write_training_plot
 from jobs.stage_config import StageConfig, config_fingerprint
 from llada_core.checkpoint import load_model, save_model
 from llada_core.losses import (forward_process, maybe_truncate_length, pretrain_loss_from_hidden,
@@ -314,7 +314,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     progress = loop_config.get("progress") if rank == 0 else None
     state = restore(engine, config, s3, note=lambda line: _note(progress, line) if rank == 0 else None)
     cursor = state.cursor or DataCursor(world_size=world, batch_size=config.micro_batch_size)
-    meter = StepMetrics(model_flops_per_token(engine.module.config), measured_matmul_flops(), world)
+    peak, _ = device_peak_flops(next(engine.module.parameters()).device, next(engine.module.parameters()).dtype)
+    meter = StepMetrics(model_flops_per_token(engine.module.config), peak, world)
     batches = _batch_stream(cursor, rank, world, config, state, s3)
     while True:
         due = state.step % config.checkpoint_every == 0 or state.step == config.num_steps

@@ -18,14 +18,41 @@ from llada_core.losses import expert_load
 from pipelines import storage
 
 
-def measured_matmul_flops(size: int = 1024, repeats: int = 8) -> float:
-    """This worker's fp32 matmul FLOP/s (the MFU denominator, measured rather than assumed)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's datasheets (SXM parts): the
+# MFU denominator on these GPUs, and `llada plan`'s GPU-hours.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """The MFU denominator of the device a worker trains on -> (FLOP/s, where it came from): a
+    known GPU's datasheet peak for bf16 (by name), else a timed matmul on that device in that
+    dtype (the CPU's, a GPU's not in the table or in another dtype)."""
+    device = torch.device(device)
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for gpu, peak in GPU_PEAK_FLOPS.items():
+            if gpu in name.upper():
+                return peak, f"{name} bf16 datasheet peak"
+    return measured_matmul_flops(device=device, dtype=dtype), f"timed {dtype} matmul on {device}"
+
+
+def measured_matmul_flops(size: int = 1024, repeats: int = 8, device: torch.device | str = "cpu",
+                          dtype: torch.dtype = torch.float32) -> float:
+    """Matmul FLOP/s on ``device`` in ``dtype`` (a measured peak where no datasheet one applies)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
+    _synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    _synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def model_flops_per_token(config: LLaDAMoEConfig) -> tuple[float, float]:

@@ -40,3 +40,15 @@ def test_two_layer_7b_model_runs_forward_backward_in_bf16():
     assert out.logits.shape == (2, 1024, config.vocab_size) and out.logits.dtype == torch.bfloat16
     out.logits.float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_mfu_denominator_of_a_known_gpu_is_its_bf16_datasheet_peak():
+    from jobs.training.metrics import GPU_PEAK_FLOPS, device_peak_flops
+
+    name = torch.cuda.get_device_name(0).upper()
+    peak, source = device_peak_flops("cuda", torch.bfloat16)
+    known = [gpu for gpu in GPU_PEAK_FLOPS if gpu in name]
+    if known:
+        assert peak == GPU_PEAK_FLOPS[known[0]] and "datasheet" in source
+    else:
+        assert "timed" in source and peak > 1e12
