@@ -77,9 +77,10 @@ class BlockUpdate:
 
     ``blocks_done`` counts the answer blocks final so far: the updates of a request carry every
     answer token exactly once, in order, and the last one has ``blocks_done == num_blocks``.
-    ``forwards`` counts the model forwards this request took part in since its previous update
-    (one batched forward counts once for each request in it); summed over the updates, it is
-    the request's cost in forwards (the API reports it in ``usage``).
+    ``forwards`` counts the model forwards this request needed since its previous update: the
+    batched forwards in which its block still had masked positions, which is what it takes alone
+    whatever its batch mates; summed over the updates, it is the request's cost in forwards (the
+    API reports it in ``usage``).
     """
 
     blocks_done: int

@@ -280,8 +280,9 @@ class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    model_forwards: int = Field(description="model forwards the answer took, summed over its choices (a batched "
-                                "forward counts once for each request in the batch)")
+    model_forwards: int = Field(description="model forwards the answer needed, summed over its choices (the "
+                                "batched forwards in which a choice's block still had masked positions: what it "
+                                "takes alone)")
     tokens_per_forward: float = Field(description="completion_tokens / model_forwards, rounded to 2 decimals; "
                                       "0 when there were no forwards")
 
