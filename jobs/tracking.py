@@ -71,6 +71,15 @@ def local_store(recipe: Any) -> Path:
     return Path(storage.parse_uri(storage.join(recipe.run_uri, LOCAL_STORE)).path)
 
 
+def mlflow_client(uri: str) -> Any:
+    """An MlflowClient for tracking and registry at ``uri``, its HTTP calls bounded (HTTP_DEFAULTS)."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def read_record(recipe: Any, s3: storage.S3Settings | None = None) -> dict[str, Any] | None:
     """The run's ``tracking.json`` (URI, experiment and run ids), if it was tracked."""
     uri = storage.join(recipe.run_uri, RECORD)
@@ -100,13 +109,9 @@ class Tracker:
         if self.uri is None:
             self.say(f"[tracking] off: {self.source}")
             return
-        for name, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
-        from mlflow import MlflowClient
-
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.client = mlflow_client(self.uri)
         self._call("open the run", self._open_run)
         if self.on:
             self.say(f"[tracking] MLflow at {self.uri} ({self.source}): experiment {self.record['experiment']!r}, "
@@ -147,11 +152,7 @@ class Tracker:
         record = read_record(self.recipe, self.s3) if self.uri is not None else None
         if not record or record.get("uri") != self.uri:
             return False
-        for name, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.client = mlflow_client(self.uri)
         self.record, self.stage_runs = record, dict(record.get("stages", {}))
         return True
 
@@ -217,7 +218,7 @@ class Tracker:
         metrics = [Metric(key, float(row[key]), stamp, step) for key in STEP_METRICS
                    if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
         if self._call(f"log step {step} of {name}", lambda: self.client.log_batch(self.stage_runs[name],
-                                                                                  metrics=metrics)) is not False:
+                                                                                  metrics=metrics)):
             self._last_step[name] = step
 
     def log_selection(self, name: str, record: dict[str, Any]) -> None:
@@ -324,13 +325,13 @@ class Tracker:
 
     # ------------------------------------------------------------ plumbing
 
-    def _call(self, what: str, action: Callable[[], Any]) -> Any:
-        """Run one MLflow action; on failure turn tracking off, say so once -> False."""
+    def _call(self, what: str, action: Callable[[], Any]) -> bool:
+        """Run one MLflow action -> whether it ran; on failure turn tracking off, saying so once."""
         if not self.on:
             return False
         try:
             action()
-            return None
+            return True
         except Exception as error:  # any failure of the tracker, never of the run
             self.client = None
             message = " ".join(str(error).split())[:300]
@@ -392,11 +393,7 @@ def resolve_model(model_uri: str, tracking_uri: str | None) -> tuple[str, str]:
     if not tracking_uri:
         raise ValueError("--model: no registry to ask: pass --tracking-uri, set MLFLOW_TRACKING_URI, or give the RECIPE "
                          "whose run registered it")
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except Exception as error:  # MlflowException: no such model / alias / version; or the server is down

@@ -169,9 +169,9 @@ def add_status_command(subparsers: Any) -> None:
 def run_status_command(args: argparse.Namespace) -> int:
     from jobs.dag import run_status
 
-    recipe = load(args)
     from jobs.tracking import read_record, resolve_uri
 
+    recipe = load(args)
     s3 = _s3()
     rows = run_status(recipe, s3)
     tracking = read_record(recipe, s3) or {"uri": resolve_uri(recipe)[0], "run_id": None, "stages": {}}
@@ -395,8 +395,8 @@ def run_plan_command(args: argparse.Namespace) -> int:
     return 1 if plan.problems else 0
 
 
-COMMANDS = (add_run_command, add_plan_command, add_status_command, add_eval_command, add_lm_eval_command, add_generate_command,
-            add_submit_command, add_demo_command)
+COMMANDS = (add_run_command, add_plan_command, add_status_command, add_eval_command, add_lm_eval_command,
+            add_generate_command, add_submit_command, add_demo_command)
 
 
 def add_serve_command(subparsers: Any) -> None:
@@ -420,24 +420,24 @@ def add_serve_command(subparsers: Any) -> None:
 def run_serve_command(args: argparse.Namespace) -> int:
     from serve.cli import run_serve
 
+    if args.recipe and args.config:
+        print("llada serve: give either RECIPE or --config, not both", file=sys.stderr)
+        return 2
+    recipe = load(argparse.Namespace(recipe=args.recipe, set=[])) if args.recipe else None
     if args.model:
         if args.checkpoint:
             print("llada serve: give either --model or --checkpoint, not both", file=sys.stderr)
             return 2
         try:
-            args.checkpoint = registered_checkpoint(args.model, args.tracking_uri, args.recipe)
+            args.checkpoint = registered_checkpoint(args.model, args.tracking_uri, recipe)
         except ValueError as error:
             print(f"llada serve: {error}", file=sys.stderr)
             return 2
-    if not args.recipe:
+    if recipe is None:
         return run_serve(args)
     from jobs.dag import selected_checkpoint
     from llada.infra.render import default_serve_config
 
-    if args.config:
-        print("llada serve: give either RECIPE or --config, not both", file=sys.stderr)
-        return 2
-    recipe = load(argparse.Namespace(recipe=args.recipe, set=[]))
     if not args.checkpoint:
         final = recipe.stages[-1].name
         try:
@@ -449,14 +449,14 @@ def run_serve_command(args: argparse.Namespace) -> int:
     return run_serve(args, base=recipe.serve or default_serve_config(recipe))
 
 
-def registered_checkpoint(model_uri: str, tracking_uri: str | None, recipe_uri: str | None) -> str:
+def registered_checkpoint(model_uri: str, tracking_uri: str | None, recipe: Any | None) -> str:
     """The storage URI of the checkpoint ``models:/NAME@ALIAS`` names in the registry at
     ``tracking_uri``, else MLFLOW_TRACKING_URI, else the given recipe's tracking store."""
     from jobs.tracking import resolve_model, resolve_uri
 
-    if tracking_uri is None and recipe_uri is not None and not os.environ.get("MLFLOW_TRACKING_URI"):
-        tracking_uri = resolve_uri(load(argparse.Namespace(recipe=recipe_uri, set=[])))[0]
-    checkpoint, version = resolve_model(model_uri, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    registry = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or (resolve_uri(recipe)[0] if recipe is not None else None))
+    checkpoint, version = resolve_model(model_uri, registry)
     print(f"serving {checkpoint} ({model_uri}: {version})", flush=True)
     return checkpoint
 

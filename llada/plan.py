@@ -125,9 +125,8 @@ def _check_sources(recipe: Any, s3: storage.S3Settings | None, plan: Plan) -> No
 
 
 def _total_bytes(files: list[str], s3: storage.S3Settings | None) -> int:
-    filesystem, _ = storage.filesystem(files[0], s3)
-    paths = [storage.filesystem(uri, s3)[1] for uri in files]
-    return sum(info.size or 0 for info in filesystem.get_file_info(paths))
+    filesystem, _ = storage.filesystem(files[0], s3)  # one store: the files of one source
+    return sum(info.size or 0 for info in filesystem.get_file_info([storage.parse_uri(uri).path for uri in files]))
 
 
 def _passes(recipe: Any, name: str, s3: storage.S3Settings | None) -> dict[str, float] | None:

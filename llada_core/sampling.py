@@ -227,7 +227,11 @@ Block = slice | RowBlocks
 
 
 def _read_block(x_BL: torch.Tensor, block: Block) -> torch.Tensor:
-    return x_BL[:, block] if isinstance(block, slice) else x_BL.gather(1, block.columns_BK)
+    """The block's positions of each row of ``x`` [B, L, ...] -> [B, K, ...] (ids or logits)."""
+    if isinstance(block, slice):
+        return x_BL[:, block]
+    columns = block.columns_BK.view(*block.columns_BK.shape, *[1] * (x_BL.dim() - 2))
+    return x_BL.gather(1, columns.expand(-1, -1, *x_BL.shape[2:]))
 
 
 def _write_block(x_BL: torch.Tensor, block: Block, values_BK: torch.Tensor) -> None:
@@ -318,11 +322,9 @@ def _denoise_block(
         forwards_B += still_masked_BK.any(-1).long()
         if options.cache is not None:
             logits_BKV, kv_cache = cached_block_logits(model, x_BL, attention_mask_BL, block, prompt, run, kv_cache)
-        elif isinstance(block, slice):
-            logits_BKV = model_logits(model, x_BL, attention_mask_BL, prompt, options.cfg_scale, run.mask_id)[:, block]
         else:
             logits_BLV = model_logits(model, x_BL, attention_mask_BL, prompt, options.cfg_scale, run.mask_id)
-            logits_BKV = logits_BLV.gather(1, block.columns_BK[..., None].expand(-1, -1, logits_BLV.shape[-1]))
+            logits_BKV = _read_block(logits_BLV, block)
         predicted_BK, confidence_BK = predict(logits_BKV, run, generator)
         confidence_BK = confidence_BK.masked_fill(~still_masked_BK, -math.inf)
         if schedule_BS is not None:
@@ -468,14 +470,16 @@ def next_blocks(model: nn.Module, rows: Sequence[BlockRow], run: Resolved,
         if len(row.answer_ids) % width_K or tail < 0 or row.gen_length % width_K:
             raise ValueError(f"rows: an answer of {len(row.answer_ids)} final tokens out of gen_length "
                              f"{row.gen_length} has no next block of {width_K}")
-    aligned = options.cache == "prefix" or len({len(ids) for ids in known}) == 1
-    if aligned:  # every block in the same columns
+    block: Block
+    if options.cache == "prefix" or len({len(ids) for ids in known}) == 1:  # every block in the same columns
         start = max(len(ids) for ids in known)
         firsts = [start - len(ids) for ids in known]
         width = start + width_K + max(tails)
+        block = slice(start, start + width_K)
     else:
         firsts = [0] * len(rows)
         width = max(len(ids) + width_K + tail for ids, tail in zip(known, tails, strict=True))
+        block = RowBlocks(torch.tensor([len(ids) for ids in known], dtype=torch.long, device=device), width_K)
     x_BL = torch.full((len(rows), width), model.config.pad_token_id, dtype=torch.long, device=device)
     real_BL = torch.zeros_like(x_BL, dtype=torch.bool)
     prompt_BL = torch.zeros_like(real_BL)
@@ -485,12 +489,6 @@ def next_blocks(model: nn.Module, rows: Sequence[BlockRow], run: Resolved,
         x_BL[index, block_start:block_start + width_K + tail] = run.mask_id
         real_BL[index, first:block_start + width_K + tail] = True
         prompt_BL[index, first:first + len(row.prompt_ids)] = True
-    block: slice | RowBlocks
-    if aligned:
-        block = slice(start, start + width_K)
-    else:
-        starts_B = torch.tensor([len(ids) for ids in known], dtype=torch.long, device=device)
-        block = RowBlocks(starts_B, width_K)
     attention_mask_BL = None if bool(real_BL.all()) else real_BL.long()
     steps_B = torch.tensor([row.steps_per_block for row in rows], device=device)
     forwards_B = _denoise_block(model, x_BL, attention_mask_BL, block, prompt_BL, run, generator, steps_B)

@@ -349,10 +349,6 @@ class Guard:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        server = self.server
-        if scope["method"] == "POST" and _route(scope) in SAMPLING_ROUTES and server.full():
-            await _overloaded(f"{server.in_flight} prompts in progress")(scope, receive, send)
-            return
         cap, received = self.server.config.limits.max_request_bytes, 0
 
         async def counted() -> Message:
@@ -376,6 +372,8 @@ class Guard:
             return _error(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                           kind="authentication_error", code="invalid_api_key",
                           headers={"WWW-Authenticate": "Bearer"})
+        if scope["method"] == "POST" and _route(scope) in SAMPLING_ROUTES and self.server.full():
+            return _overloaded(f"{self.server.in_flight} prompts in progress")
         return None
 
 

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from llada_core.options import SamplingOptions
-from llada_core.sampling import BlockRow, next_blocks, resolve
+from llada_core.sampling import BlockRow, Resolved, next_blocks, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,8 @@ class ContinuousBatcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llada-sampler")
         self._waiting: list[_Entry] = []
         self._running: list[_Entry] = []
-        self._generator: torch.Generator | None = None
+        self._generator: torch.Generator | None = None  # the running batch's, for a seeded request
+        self._run: Resolved | None = None  # the running batch's options on this model
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -270,7 +271,7 @@ class ContinuousBatcher:
         self._waiting = [entry for entry in self._waiting if not entry.gone]
         self._running = [entry for entry in self._running if not entry.gone]
         if not self._running:
-            self._generator = None
+            self._generator, self._run = None, None
 
     def _admit(self) -> None:
         """Waiting requests of the running batch's key join it, oldest first, while it has room;
@@ -283,57 +284,59 @@ class ContinuousBatcher:
         joining = self._admissible(self._waiting[0])[:room]
         if not joining:
             return
+        self._waiting = [entry for entry in self._waiting if entry not in joining]
         if self._running:
             self.stats.joined_running += len(joining)
-        else:
+        else:  # a new batch: its key's options against the model, once
             first = joining[0].request
+            try:
+                self._run = resolve(self.model, first.options, eot_id=first.eot_id)
+            except ValueError as error:  # names the bad argument
+                for entry in joining:
+                    self._finish(entry, SampleFailure(400, str(error)))
+                return
             if first.seed is not None and first.options.stochastic:
                 device = next(self.model.parameters()).device
                 self._generator = torch.Generator(device=device).manual_seed(first.seed)
-        self._waiting = [entry for entry in self._waiting if entry not in joining]
         self._running.extend(joining)
 
     async def _round(self) -> None:
         """The next block of every running request; finished ones leave."""
-        batch = list(self._running)
-        rows = [entry.row for entry in batch]
+        batch, run = self._running, self._run
+        assert run is not None, "a running batch has resolved options"
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            blocks, forwards = await loop.run_in_executor(self._executor, self._step, rows, batch[0].request)
-        except ValueError as error:  # generate's checks name the bad argument
+            blocks, forwards = await loop.run_in_executor(self._executor, self.step_fn, self.model,
+                                                          [entry.row for entry in batch], run, self._generator)
+        except ValueError as error:  # next_blocks names the bad argument
             for entry in batch:
                 self._finish(entry, SampleFailure(400, str(error)))
-            self._running = [entry for entry in self._running if entry not in batch]
-            return
+            blocks, forwards = [], []
         seconds = time.perf_counter() - started
-        tokens = 0
-        for entry, block, needed in zip(batch, blocks, forwards, strict=True):
-            tokens += self._deliver(entry, block, needed)
-        self._running = [entry for entry in self._running if not entry.gone]
-        stats = self.stats
+        tokens = sum(self._deliver(entry, block, needed, run.eos_id)
+                     for entry, block, needed in zip(batch, blocks, forwards, strict=True))
+        self._running = [entry for entry in batch if not entry.gone]
+        if not blocks:
+            return
+        stats, round_forwards = self.stats, max(forwards)
         stats.rounds += 1
         stats.row_rounds += len(batch)
         stats.max_rows = max(stats.max_rows, len(batch))
-        stats.forwards += max(forwards, default=0)
+        stats.forwards += round_forwards
         stats.tokens += tokens
         stats.model_seconds += seconds
         if self.metrics is not None:
-            self.metrics.round_done(len(batch), max(forwards, default=0), tokens, seconds, len(self._waiting))
+            self.metrics.round_done(len(batch), round_forwards, tokens, seconds, len(self._waiting))
 
-    def _step(self, rows: list[BlockRow], first: SampleRequest) -> tuple[list[tuple[int, ...]], list[int]]:
-        """On the worker thread: resolve the batch's options against the model and sample."""
-        self._resolved = resolve(self.model, first.options, eot_id=first.eot_id)
-        return self.step_fn(self.model, rows, self._resolved, self._generator)
-
-    def _deliver(self, entry: _Entry, block: tuple[int, ...], forwards: int) -> int:
+    def _deliver(self, entry: _Entry, block: tuple[int, ...], forwards: int, eos_id: int | None) -> int:
         """Hand out the request's new final tokens (cut at its max_tokens) -> how many; a request
         whose answer is complete (or ended in EOS under early stop) gets its final update."""
-        request, run = entry.request, self._resolved
+        request = entry.request
         options = request.options
         answer = entry.answer + block
-        if options.early_stop and run.eos_id is not None and block[-1] == run.eos_id:
-            answer += (run.eos_id,) * (options.gen_length - len(answer))  # EOS to the end, as alone
+        if options.early_stop and eos_id is not None and block[-1] == eos_id:
+            answer += (eos_id,) * (options.gen_length - len(answer))  # EOS to the end, as alone
         new = answer[len(entry.answer):request.max_tokens] if len(entry.answer) < request.max_tokens else ()
         entry.answer = answer
         if entry.first_block_at is None:

@@ -83,7 +83,7 @@ def manifest(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
         if args.model:
             from llada.commands import registered_checkpoint
 
-            checkpoint = registered_checkpoint(args.model, args.tracking_uri, args.recipe)
+            checkpoint = registered_checkpoint(args.model, args.tracking_uri, recipe)
         return infra.rayservice(recipe, infra.serve_app_args(recipe, checkpoint, args.serve_config), image)
     return cluster_launcher.cluster_launcher(recipe, image)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 import requests
 import torch
@@ -44,13 +45,19 @@ def build_tiny_checkpoint(directory: Path) -> str:
 
 
 def wait_until_ready(base_url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.time() + timeout_s
+    wait_for_200(f"{base_url}/ready", timeout_s)
+
+
+def wait_for_200(url: str, timeout_s: float, alive: Callable[[], None] = lambda: None) -> None:
+    """Poll ``url`` until it answers 200; ``alive()`` raises when the server has died meanwhile."""
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if requests.get(f"{base_url}/ready", timeout=5).status_code == 200:
+            if requests.get(url, timeout=5).status_code == 200:
                 return
         except requests.RequestException:
             pass
-        if time.time() > deadline:
-            raise TimeoutError(f"{base_url}/ready did not answer 200 within {timeout_s} s")
+        alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
         time.sleep(0.2)

@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
-from serve_fixtures import free_port
+from serve_fixtures import free_port, wait_for_200
 from test_dag import small_recipe
 
 from jobs.dag import run_recipe, run_status
@@ -36,17 +34,12 @@ def mlflow_server(tmp_path_factory):
          (folder / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=(folder / "server.log").open("w"))
     uri = f"http://127.0.0.1:{port}"
+
+    def alive() -> None:
+        assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
+
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{uri}/health", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
+        wait_for_200(f"{uri}/health", 120, alive)
         yield uri
     finally:
         process.terminate()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import http.server
 import threading
 
-import pytest
+import ray
 
 from serve.cli import _serve_until_interrupted, http_probe, probe_base, try_command, wait_until_ready
 from serve.config import AppArgs, ServeConfig
@@ -68,8 +68,6 @@ def test_the_readiness_probe_is_true_only_on_200_and_false_when_nothing_listens(
 
 
 def test_a_ray_that_cannot_be_reached_is_one_line_naming_its_address(tmp_path, monkeypatch, capsys):
-    ray = pytest.importorskip("ray")
-
     def unreachable(**_) -> None:
         raise ConnectionError("Could not find any running Ray instance.\nPlease specify the one to connect to.")
 
