@@ -58,13 +58,19 @@ def load(args: argparse.Namespace, default: Path | None = None) -> Any:
         raise SystemExit(2) from None
 
 
-def _start_ray(args: argparse.Namespace) -> bool:
-    """Connect to (or start) Ray unless it is up; returns whether this call did."""
+def _start_ray(args: argparse.Namespace, held: contextlib.ExitStack) -> bool:
+    """Connect to (or start) Ray unless it is up; returns whether this call did. With
+    ``args.nodes`` (rehearse), a local cluster of that many nodes is started first (llada/cluster.py)
+    and stopped when ``held`` closes."""
     import ray
 
     if ray.is_initialized():
         return False
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if getattr(args, "nodes", None):
+        from llada.cluster import local_cluster
+
+        address = held.enter_context(local_cluster(args.nodes, args.cpus_per_node))
     ray.init(address=address, include_dashboard=False, log_to_driver=True)
     import ray.data
 
@@ -97,7 +103,7 @@ def ray_session(args: argparse.Namespace, run_uri: str, lease: bool = False) -> 
             if lease:
                 held.enter_context(run_lease(run_uri, f"llada {args.command}", _s3(),
                                              break_lease=args.break_lease, say=console.say))
-            if _start_ray(args):
+            if _start_ray(args, held):
                 import ray
 
                 # Disconnect while output is still routed: workers' last lines (a library's progress
@@ -395,7 +401,73 @@ def run_plan_command(args: argparse.Namespace) -> int:
     return 1 if plan.problems else 0
 
 
-COMMANDS = (add_run_command, add_plan_command, add_status_command, add_eval_command, add_lm_eval_command,
+def add_rehearse_command(subparsers: Any) -> None:
+    from llada.rehearse import DEFAULT_STEPS
+
+    rehearse = subparsers.add_parser(
+        "rehearse", help="run the recipe's structure end to end, small, on this cluster: every stage, selection, "
+                         "eval and a served answer",
+        description="Shrinks the model, budgets, workers and evals, stands in synthetic data, tokenizer and eval "
+                    "items wherever the recipe's own are unreachable, runs every stage under its own run id (never "
+                    "the real run's), serves the final selection and sends it one chat request.")
+    _recipe_arguments(rehearse)
+    rehearse.add_argument("--storage", metavar="URI",
+                          help="where the rehearsal writes (default: the recipe's storage_uri), under its own run id")
+    rehearse.add_argument("--run-id", help="the rehearsal's run id (default: RUN_ID-rehearsal-UTCTIME); "
+                                           "an existing one resumes")
+    rehearse.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                          help=f"optimizer steps per stage (default {DEFAULT_STEPS}; more where a rule compares "
+                               "checkpoints)")
+    rehearse.add_argument("--nodes", type=int, metavar="N",
+                          help="start a local Ray cluster of N nodes on this machine for the rehearsal "
+                               "(default: RAY_ADDRESS, --ray-address, else a one-node local Ray)")
+    rehearse.add_argument("--cpus-per-node", type=float, default=3.0, metavar="CPUS",
+                          help="logical CPUs of each --nodes node (default 3: a Train worker takes two, Ray Data "
+                               "and the evals one)")
+    rehearse.add_argument("--json", action="store_true", help="end with the rehearsal record as one JSON line")
+    rehearse.set_defaults(handler=run_rehearse_command, break_lease=False)
+
+
+def run_rehearse_command(args: argparse.Namespace) -> int:
+    from jobs.dag import run_status
+    from llada.rehearse import (ClusterShape, as_json, outcome_table, plan_rehearsal, rehearsal_run_id,
+                                run_rehearsal)
+    from pipelines import storage
+
+    recipe = load(args)
+    if args.nodes is not None and (args.ray_address or os.environ.get("RAY_ADDRESS")):
+        args.console.error("llada rehearse: give either --nodes (a local cluster) or a Ray address, not both")
+        return 2
+    if args.nodes is not None and args.nodes < 1 or args.steps < 1 or args.cpus_per_node < 1:
+        args.console.error("llada rehearse: --nodes, --steps and --cpus-per-node must be at least 1")
+        return 2
+    s3 = _s3()
+    run_id = args.run_id or rehearsal_run_id(recipe)
+    run_uri = storage.join(storage.absolute(args.storage or recipe.storage_uri), run_id)
+    with ray_session(args, run_uri, lease=True) as console:
+        try:
+            rehearsal = plan_rehearsal(recipe, ClusterShape.of_ray(), args.storage, run_id, args.steps, s3)
+        except ValueError as error:
+            console.error(f"llada rehearse: {error}")
+            return 2
+        console.say(rehearsal.describe())
+        console.say()
+        result = run_rehearsal(rehearsal, s3, console.say, on_step=console.step)
+        console.say()
+        console.say(status_table(run_status(rehearsal.recipe, s3)))
+        console.say()
+        console.say(outcome_table(result))
+        served = result.served
+        console.say(f"\nserved answer ({served['model']}, {served['completion_tokens']} tokens, "
+                    f"{served['seconds']} s): > {served['question']}\n  {served['answer']!r}")
+        console.say(f"\nrehearsal finished in {result.seconds / 60:.1f} min; record: "
+                    f"{storage.join(result.run_uri, 'rehearsal.json')}")
+        if args.json:
+            console.say(as_json(result))
+    return 0
+
+
+COMMANDS = (add_run_command, add_plan_command, add_rehearse_command, add_status_command, add_eval_command, add_lm_eval_command,
             add_generate_command, add_submit_command, add_demo_command)
 
 

@@ -210,14 +210,16 @@ def serve_config_yaml(app_args: AppArgs) -> str:
     return header + yaml.safe_dump(serve_config_document(app_args), sort_keys=False)
 
 
-def run(app_args: AppArgs, name: str = APP_NAME, route_prefix: str = "/") -> DeploymentHandle:
+def run(app_args: AppArgs, name: str = APP_NAME, route_prefix: str = "/",
+        proxy_location: str | None = None) -> DeploymentHandle:
     """Start Serve's proxy on the config's host/port and deploy the app (Ray must be up). The
     API key, when the config names its variable, is copied from this process's environment to
-    the ingress replicas."""
+    the ingress replicas. ``proxy_location`` "HeadOnly" keeps one proxy where the nodes share an
+    address (a local multi-node cluster: every proxy would bind the same port)."""
     config = app_args.config
     ingress_env = None
     if config.api_key_env is not None and os.environ.get(config.api_key_env):
         ingress_env = {config.api_key_env: os.environ[config.api_key_env]}
-    serve.start(http_options=http_options(config))
+    serve.start(http_options=http_options(config), proxy_location=proxy_location)
     return serve.run(build_app(app_args.model_dump(mode="json", exclude_none=True), ingress_env),
                      name=name, route_prefix=route_prefix)

@@ -230,14 +230,14 @@ def train_step(engine: Any, batch: dict[str, np.ndarray], config: StageConfig, g
 
 
 def save_checkpoint(engine: Any, model: torch.nn.Module, config: StageConfig, state: TrainState,
-                    s3: storage.S3Settings | None) -> None:
+                    s3: storage.S3Settings | None, placement: dict[str, int] | None = None) -> None:
     """Every rank stages its DeepSpeed files locally and copies them into the checkpoint folder
     in storage; rank 0 adds the HF export, config and metrics; after a barrier rank 0 writes the
     completion record last, then rotates. The staging folder is removed whatever happens."""
     rank = dist.get_rank()
     ref = ckpt.CheckpointRef.at(config.output_uri, state.step)
     last = state.history[-1] if state.history else {}
-    metrics = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": last.get("loss")}
+    metrics = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": last.get("loss"), **(placement or {})}
     if rank == 0:  # a save of this step that crashed earlier left files: start from an empty folder
         storage.remove_tree(ref.uri, s3)
     dist.barrier()
@@ -302,6 +302,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if config.scaling.torch_threads is not None:
         torch.set_num_threads(config.scaling.torch_threads)
     deepspeed.init_distributed(dist_backend="nccl" if config.scaling.use_gpu else "gloo", verbose=False)
+    placement = worker_placement(world)
     model = enable_expert_parallel(build_model(config, s3), config.scaling.expert_parallel_size)
     model.activation_checkpointing = config.scaling.activation_checkpointing
     # foreach: one fused update over all tensors (torch picks the per-tensor loop on CPU otherwise)
@@ -320,7 +321,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while True:
         due = state.step % config.checkpoint_every == 0 or state.step == config.num_steps
         if state.step > state.checkpointed_step and due:
-            save_checkpoint(engine, model, config, state, s3)
+            save_checkpoint(engine, model, config, state, s3, placement)
             state.checkpointed_step = state.step
         if state.step >= config.num_steps:
             break
@@ -328,6 +329,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state = _optimizer_step(engine, batches, config, state, meter, rank, progress)
     if rank == 0:
         write_training_plot(config.output_uri, state.history, s3)
+
+
+def worker_placement(world: int) -> dict[str, int]:
+    """The workers and the Ray nodes they run on, recorded with each checkpoint (a rehearsal on
+    several nodes proves its workers spanned them)."""
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node] * world
+    if dist.is_initialized() and world > 1:
+        dist.all_gather_object(nodes, node)
+    return {"world_size": world, "nodes": len(set(nodes))}
 
 
 def _batch_stream(cursor: DataCursor, rank: int, world: int, config: StageConfig, state: TrainState,

@@ -84,7 +84,9 @@ class StepMetrics:
         loads_NE = packed[7:].view_as(loads_NE)
         load_ratio_N = loads_NE.max(-1).values / loads_NE.mean(-1).clamp(min=1e-9)
         return {
-            "step": step, "loss": losses[0].item(), "diffusion_loss": losses[1].item(),
+            # seq_len: this worker's longest row this step (SFT batches are cut to their longest row)
+            "step": step, "seq_len": max(r["seq_len"] for r in results), "loss": losses[0].item(),
+            "diffusion_loss": losses[1].item(),
             "load_balance_loss": losses[2].item(), "z_loss": losses[3].item(), "lr": lr, "tokens": tokens,
             "tokens_per_s": tokens / seconds, "mfu": flops / seconds / (self.peak_flops * self.world_size),
             "expert_load_ratio": load_ratio_N.mean().item(),
