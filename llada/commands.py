@@ -379,7 +379,8 @@ def add_plan_command(subparsers: Any) -> None:
     plan = subparsers.add_parser("plan", help="what each stage will do, on what, for how long; every problem, "
                                               "before anything trains")
     _recipe_arguments(plan)
-    plan.add_argument("--gpus", type=int, metavar="N", help="check the layout against a cluster of N GPUs")
+    plan.add_argument("--gpus", type=int, metavar="N", help="check the layout against a cluster of N GPUs (default: "
+                                                             "the Ray cluster at --ray-address / RAY_ADDRESS, if any)")
     plan.add_argument("--mfu", type=float, default=None, metavar="X",
                       help="model FLOPs utilisation the GPU-hours assume (default 0.35)")
     plan.add_argument("--json", action="store_true", help="print JSON")
@@ -389,11 +390,21 @@ def add_plan_command(subparsers: Any) -> None:
 def run_plan_command(args: argparse.Namespace) -> int:
     """Exit 0 when nothing would stop the recipe, 1 naming every problem (2: the recipe itself is
     invalid, from load)."""
-    from llada.plan import DEFAULT_MFU, plan_recipe, render
+    from llada.plan import DEFAULT_MFU, connected_gpus, plan_recipe, render
 
     recipe = load(args)
+    gpus, gpus_from = args.gpus, "--gpus"
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if gpus is None and address:
+        try:
+            gpus, gpus_from = connected_gpus(address), "the connected cluster"
+        except Exception as error:  # Ray raises plain exceptions for refused connections and auth
+            print(f"llada plan: cannot reach the Ray cluster at {address} ({' '.join(str(error).split())[:200]}); "
+                  "give --gpus N to plan without it", file=sys.stderr)
+            return 2
     try:
-        plan = plan_recipe(recipe, _s3(), gpus=args.gpus, mfu=DEFAULT_MFU if args.mfu is None else args.mfu)
+        plan = plan_recipe(recipe, _s3(), gpus=gpus, mfu=DEFAULT_MFU if args.mfu is None else args.mfu,
+                           gpus_from=gpus_from)
     except ValueError as error:
         print(f"llada plan: {error}", file=sys.stderr)
         return 2

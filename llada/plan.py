@@ -52,6 +52,7 @@ class Plan:
     recipe: str
     mfu: float
     gpus: int | None
+    gpus_from: str = "--gpus"  # or "the connected cluster"
     stages: list[StagePlan] = field(default_factory=list)
     sources: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -61,14 +62,15 @@ class Plan:
 
 
 def plan_recipe(recipe: Any, s3: storage.S3Settings | None = None, gpus: int | None = None,
-                mfu: float = DEFAULT_MFU) -> Plan:
-    """Everything `llada plan` prints, with every problem found."""
+                mfu: float = DEFAULT_MFU, gpus_from: str = "--gpus") -> Plan:
+    """Everything `llada plan` prints, with every problem found. ``gpus``: the GPUs the layout
+    must fit (``gpus_from`` says where the number came from, for the messages)."""
     from jobs.dag import check_eval_sources
     from jobs.training.metrics import model_flops_per_token
 
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu: must be in (0, 1], got {mfu}")
-    plan = Plan(recipe=recipe.run_id, mfu=mfu, gpus=gpus)
+    plan = Plan(recipe=recipe.run_id, mfu=mfu, gpus=gpus, gpus_from=gpus_from)
     _check_sources(recipe, s3, plan)
     try:
         check_eval_sources(recipe, s3)
@@ -146,7 +148,24 @@ def _check_layout(name: str, scaling: Any, model: Any, gpus: int | None, plan: P
     if model.num_experts % ep:
         plan.problems.append(f"stages.{name}: {model.num_experts} experts do not split over expert_parallel_size {ep}")
     if gpus is not None and scaling.use_gpu and scaling.num_workers > gpus:
-        plan.problems.append(f"stages.{name}: needs {scaling.num_workers} GPUs (one per worker), --gpus is {gpus}")
+        where = (f"--gpus is {gpus}" if plan.gpus_from == "--gpus" else
+                 f"{plan.gpus_from} has {gpus} (an autoscaling cluster grows to a stage: give --gpus with its "
+                 "largest size)")
+        plan.problems.append(f"stages.{name}: needs {scaling.num_workers} GPUs (one per worker), {where}")
+
+
+def connected_gpus(address: str) -> int:
+    """The GPUs of the Ray cluster at ``address`` (connected for the count, then left), or of the
+    Ray this process is already connected to."""
+    import ray
+
+    if ray.is_initialized():
+        return int(ray.cluster_resources().get("GPU", 0))
+    ray.init(address=address, log_to_driver=False)
+    try:
+        return int(ray.cluster_resources().get("GPU", 0))
+    finally:
+        ray.shutdown()
 
 
 def render(plan: Plan) -> str:

@@ -73,3 +73,12 @@ def test_rehearsal_of_the_7b_recipe_on_two_nodes_with_s3_storage(s3_server):
     # it with empty keys ending in "/": those hold nothing).
     keys = [key for key in storage.list_files(f"{bucket}/", s3) if not f"{run_uri}/".startswith(key)]
     assert keys and all(key.startswith(f"{run_uri}/") for key in keys), [k for k in keys if run_uri not in k][:5]
+
+
+def test_plan_checks_the_layout_against_the_connected_cluster(ray_cluster, capsys):
+    from llada.cli import main
+
+    assert main(["plan", str(RECIPE), "--ray-address", "auto", "--json"]) == 1
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["gpus"] == 0 and plan["gpus_from"] == "the connected cluster"
+    assert "stages.pretrain1: needs 64 GPUs (one per worker), the connected cluster has 0" in " ".join(plan["problems"])
