@@ -143,9 +143,12 @@ class OpenAIServer:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = self._sse(events, first, assemblers, forwards, response_id, chat, include_usage, prompt_tokens)
             return StreamingResponse(stream, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                              **origin_headers([first[1]] if first else [])})
+        updates: list[BlockUpdate] = []
         async with aclosing(events):
             async for index, update in events:
+                updates.append(update)
                 forwards[index] += update.forwards
                 _apply(assemblers[index], update)
                 if all(a.finished for a in assemblers):
@@ -157,10 +160,12 @@ class OpenAIServer:
         if chat:
             choices = [{"index": 0, "message": {"role": "assistant", "content": assemblers[0].text},
                         "logprobs": None, "finish_reason": assemblers[0].finish_reason}]
-            return JSONResponse(protocol.chat_body(response_id, self.config.model_name, choices, usage))
+            return JSONResponse(protocol.chat_body(response_id, self.config.model_name, choices, usage),
+                                headers=origin_headers(updates))
         choices = [{"index": i, "text": a.text, "logprobs": None, "finish_reason": a.finish_reason}
                    for i, a in enumerate(assemblers)]
-        return JSONResponse(protocol.completion_body(response_id, self.config.model_name, choices, usage))
+        return JSONResponse(protocol.completion_body(response_id, self.config.model_name, choices, usage),
+                            headers=origin_headers(updates))
 
     async def _events(self, requests: Sequence[SampleRequest]) -> AsyncIterator[tuple[int, BlockUpdate]]:
         """(choice index, block) from every request's stream as they arrive, until all end.
@@ -254,6 +259,24 @@ class OpenAIServer:
             body = (protocol.chat_body if chat else protocol.completion_body)(response_id, model, [], usage, chunk=True)
             yield _sse_data(body)
         yield "data: [DONE]\n\n"
+
+
+CHECKPOINT_HEADER = "X-LLaDA-Checkpoint"
+REPLICA_HEADER = "X-LLaDA-Replica"
+
+
+def origin_headers(updates: Sequence[BlockUpdate]) -> dict[str, str]:
+    """``X-LLaDA-Checkpoint`` / ``X-LLaDA-Replica``: the checkpoint (serve/checkpoint.py:
+    checkpoint_label) and replica that sampled the answer; during a roll-out a request of several
+    prompts may be answered by both checkpoints, listed in order. A streamed answer names those
+    of its first block (the headers go out before the rest)."""
+    headers = {}
+    for name, values in ((CHECKPOINT_HEADER, [u.checkpoint for u in updates]),
+                         (REPLICA_HEADER, [u.replica for u in updates])):
+        distinct = list(dict.fromkeys(value for value in values if value))
+        if distinct:
+            headers[name] = ", ".join(distinct)
+    return headers
 
 
 def _apply(assembler: TextAssembler, update: BlockUpdate) -> str:

@@ -144,10 +144,13 @@ def sampler_options(config: ServeConfig, num_gpus: float | None) -> dict[str, An
 
 
 def drain_options(config: ServeConfig) -> dict[str, Any]:
-    """How a stopping replica drains (scale-down, redeploy, Ctrl-C): it finishes the requests it
+    """How replicas are replaced and stop. A roll-out (a new checkpoint or config) starts
+    ``rollout.max_surge_percent`` extra replicas before old ones stop (serve/config.py:
+    RolloutSettings). A stopping replica (roll-out, scale-down, Ctrl-C) finishes the requests it
     holds, up to the request timeout, checking every half second, so that an idle replica stops
     at once (Ray's defaults, 20 s and every 2 s, cut long answers and made Ctrl-C take 22-28 s)."""
-    return {"graceful_shutdown_timeout_s": config.request_timeout_s, "graceful_shutdown_wait_loop_s": 0.5}
+    return {"graceful_shutdown_timeout_s": config.request_timeout_s, "graceful_shutdown_wait_loop_s": 0.5,
+            "max_surge_percent": config.rollout.max_surge_percent}
 
 
 def ingress_options(config: ServeConfig, env_vars: dict[str, str] | None = None) -> dict[str, Any]:

@@ -87,6 +87,10 @@ class BlockUpdate:
     num_blocks: int
     token_ids: tuple[int, ...]
     forwards: int = 0
+    # Which checkpoint and replica sampled it (set by the replica, serve/sampler.py): during a
+    # roll-out both the old and the new checkpoint serve, and the API says which one answered.
+    checkpoint: str | None = None
+    replica: str | None = None
 
     @property
     def final(self) -> bool:

@@ -47,3 +47,19 @@ def load_metadata(uri: str, s3: storage.S3Settings | None = None) -> tuple[objec
     info = ModelInfo(vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
                      mask_id=config.mask_token_id, eos_id=config.eos_token_id, eot_id=ids.role_end)
     return tokenizer, info
+
+
+def checkpoint_label(uri: str) -> str:
+    """How responses name the checkpoint that answered (``X-LLaDA-Checkpoint``): the run, stage
+    and checkpoint folder for a platform checkpoint (``tiny-cpu/sft/checkpoint_000800``, from
+    ``.../tiny-cpu/stages/sft/checkpoints/checkpoint_000800/hf``), else the folder and its
+    parent. Not the storage URI: clients need not learn bucket names and paths."""
+    parts = [part for part in storage.parse_uri(uri).path.strip("/").split("/") if part]
+    if parts and parts[-1] == "hf":
+        parts = parts[:-1]
+    if "stages" in parts[:-1]:
+        at = len(parts) - 1 - parts[::-1].index("stages")
+        run = parts[at - 1:at]
+        kept = [part for part in parts[at + 1:] if part not in ("checkpoints", "averages")]
+        return "/".join(run + kept)
+    return "/".join(parts[-2:]) or uri

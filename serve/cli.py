@@ -3,6 +3,7 @@
     llada serve --checkpoint ./runs/tiny-cpu/stages/sft/checkpoints/checkpoint_000800/hf   # http://127.0.0.1:8000/v1
     llada serve --checkpoint s3://BUCKET/RUN/stages/sft/checkpoints/checkpoint_NNNNNN/hf --config serve.yaml --port 8080
     llada serve --checkpoint s3://BUCKET/RUN/stages/sft/checkpoints/checkpoint_NNNNNN/hf --print-config > serve.yaml
+    llada serve --checkpoint s3://BUCKET/RUN/.../checkpoint_MMMMMM/hf --ray-address HEAD:6379 --detach   # roll out
 
 A checkpoint is the ``hf/`` folder of a stage's checkpoint (``llada status RECIPE`` names the one
 each stage selected); the demo's SFT stage selects step 800.
@@ -41,6 +42,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true",
                         help="print the Serve config YAML (for `serve deploy` or a KubeRay RayService) and exit")
     parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--detach", action="store_true",
+                        help="deploy on the Ray cluster at --ray-address / RAY_ADDRESS and return once it serves; "
+                             "over a running server this rolls out the new checkpoint or config (no request lost)")
 
 
 def add_serve_command(subparsers: Any) -> None:
@@ -82,21 +86,82 @@ def run_serve(args: argparse.Namespace, base: ServeConfig | None = None) -> int:
     if args.print_config:
         print(serve_config_yaml(app_args), end="")
         return 0
+    if getattr(args, "detach", False):
+        return deploy_detached(app_args, args.ray_address)
     return _serve_until_interrupted(app_args, args.ray_address)
+
+
+def _checkpoint_problem(app_args: AppArgs) -> str | None:
+    from pipelines import storage
+
+    try:
+        if not storage.exists(storage.join(app_args.checkpoint, "config.json"), app_args.s3):
+            return f"{app_args.checkpoint} has no config.json; pass an exported checkpoint"
+    except storage.StorageError as error:
+        return str(error)
+    return None
+
+
+def deploy_detached(app_args: AppArgs, ray_address: str | None) -> int:
+    """Deploy on a running Ray cluster and return once the app serves; Serve keeps it running.
+    Over the app already running there, this is a roll-out: Serve's rolling update starts the
+    new replicas (``rollout.max_surge_percent``) while the old ones serve, then stops the old
+    ones once they finish what they hold; the API's ``X-LLaDA-Checkpoint`` header says which
+    answered."""
+    import ray
+    from ray import serve
+
+    from serve.app import APP_NAME, run
+    from serve.checkpoint import checkpoint_label
+
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        print("llada serve: --detach needs a running Ray cluster (--ray-address or RAY_ADDRESS): a local Ray "
+              "would stop with this command", file=sys.stderr)
+        return 2
+    if problem := _checkpoint_problem(app_args):
+        print(f"llada serve: {problem}", file=sys.stderr)
+        return 1
+    started = time.perf_counter()
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except Exception as error:  # ConnectionError, RuntimeError, ValueError, ...: all say "no Ray there"
+        print(f"llada serve: cannot reach Ray at {address}: {one_line(error)}", file=sys.stderr)
+        return 1
+    try:
+        rolling = _app_running(serve, APP_NAME)
+        label = checkpoint_label(app_args.checkpoint)
+        if rolling:
+            print(f"rolling out {label} over the running server (the old replicas serve until the new ones "
+                  "are up) ...", flush=True)
+        try:
+            run(app_args)  # returns once the application is RUNNING: every replica on the new version
+        except RuntimeError as error:
+            print(f"llada serve: the application failed to {'roll out' if rolling else 'start'}: {error}",
+                  file=sys.stderr)
+            return 1
+        if rolling:
+            print(f"rolled out {label} in {time.perf_counter() - started:.1f} s; answers now carry "
+                  f"X-LLaDA-Checkpoint: {label}", flush=True)
+        else:
+            _announce(app_args, started, detached=True)
+        return 0
+    finally:
+        ray.shutdown()  # disconnect: Serve keeps serving on the cluster
+
+
+def _app_running(serve: Any, name: str) -> bool:
+    try:
+        return name in serve.status().applications
+    except Exception:  # no Serve on the cluster yet
+        return False
 
 
 def _serve_until_interrupted(app_args: AppArgs, ray_address: str | None) -> int:
     import ray
 
-    from pipelines import storage
-
-    try:
-        if not storage.exists(storage.join(app_args.checkpoint, "config.json"), app_args.s3):
-            print(f"llada serve: {app_args.checkpoint} has no config.json; pass an exported checkpoint",
-                  file=sys.stderr)
-            return 1
-    except storage.StorageError as error:
-        print(f"llada serve: {error}", file=sys.stderr)
+    if problem := _checkpoint_problem(app_args):
+        print(f"llada serve: {problem}", file=sys.stderr)
         return 1
     started = time.perf_counter()
     started_ray = not ray.is_initialized() and ray_address is None and not os.environ.get("RAY_ADDRESS")
@@ -124,7 +189,7 @@ def _serve_until_interrupted(app_args: AppArgs, ray_address: str | None) -> int:
         return _stop(started_ray)
 
 
-def _announce(app_args: AppArgs, started: float) -> None:
+def _announce(app_args: AppArgs, started: float, detached: bool = False) -> None:
     """Wait until /ready answers (a sampler replica has loaded the model), then say where the
     server is and how long it took to be ready."""
     config = app_args.config
@@ -140,7 +205,11 @@ def _announce(app_args: AppArgs, started: float) -> None:
           f"a replica holds <= {config.replica.max_ongoing_requests}, timeout {config.request_timeout_s:g} s, "
           f"API key {'required' if config.api_key_env else 'off'}")
     print(f"  try: {try_command(config)}")
-    print("Ctrl-C (or SIGTERM) stops the server.", flush=True)
+    if detached:
+        print("Serve keeps serving on the cluster; `llada serve ... --detach` again rolls out another checkpoint.",
+              flush=True)
+    else:
+        print("Ctrl-C (or SIGTERM) stops the server.", flush=True)
 
 
 def try_command(config: ServeConfig) -> str:

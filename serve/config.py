@@ -139,6 +139,18 @@ class IngressSettings(_Strict):
     max_ongoing_requests: int = Field(1000, ge=1)
 
 
+class RolloutSettings(_Strict):
+    """How a new checkpoint (or config) replaces the served one: Serve's rolling update of both
+    deployments. ``max_surge_percent`` extra replicas (of the target count, rounded up) start
+    and load the new checkpoint while the old ones keep serving; only then do old replicas stop,
+    finishing what they hold (up to ``request_timeout_s``). 100 replaces them all at once with no
+    gap, at the price of twice the replicas (GPUs) during the roll-out; 0 stops old replicas
+    before starting new ones (requests wait in Serve's queue, up to
+    ``replica.max_queued_requests``, while the new ones load)."""
+
+    max_surge_percent: int = Field(100, ge=0, le=100)
+
+
 class ServeConfig(_Strict):
     """How to serve a checkpoint. Loaded from YAML (``load_serve_config``)."""
 
@@ -153,6 +165,7 @@ class ServeConfig(_Strict):
     autoscaling: AutoscalingSettings = AutoscalingSettings()
     replica: ReplicaSettings = ReplicaSettings()
     ingress: IngressSettings = IngressSettings()
+    rollout: RolloutSettings = RolloutSettings()
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":

@@ -43,6 +43,15 @@ _HEADERS = {
     503: {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
                           "schema": {"type": "integer", "minimum": 0}}},
 }
+# On answers (the sampling operations' 200): which checkpoint and replica sampled it.
+_ORIGIN_HEADERS = {
+    "X-LLaDA-Checkpoint": {"description": "The checkpoint that sampled the answer, as run/stage/checkpoint "
+                                          "(during a roll-out, old and new answer side by side; a request of "
+                                          "several prompts may list both, comma-separated).",
+                           "required": False, "schema": {"type": "string"}},
+    "X-LLaDA-Replica": {"description": "The sampler replica that sampled it.", "required": False,
+                        "schema": {"type": "string"}},
+}
 _SSE_DESCRIPTION = (
     "With `stream: true`: server-sent events. Each event is one line `data: {{chunk}}` (a {name} as JSON) "
     "followed by a blank line: the new text of a choice as soon as a block of it is committed, with "
@@ -65,6 +74,7 @@ def responses(ok: type[BaseModel], errors: tuple[int, ...], chunk: type[BaseMode
     operation streams), the error body for each of ``errors``."""
     documented: dict[int | str, dict[str, Any]] = {200: {"model": ok, "description": ok_description}}
     if chunk is not None:
+        documented[200]["headers"] = _ORIGIN_HEADERS
         role = ", after a first chunk whose delta is the role (and empty content)" if chunk is ChatCompletionChunk \
             else ""
         documented[200]["description"] = (

@@ -13,6 +13,7 @@ laptop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -22,7 +23,7 @@ import torch
 from llada_core.checkpoint import load_model
 from pipelines.storage import S3Settings
 from serve.batching import BlockUpdate, ContinuousBatcher, SampleFailure, SampleRequest
-from serve.checkpoint import local_checkpoint
+from serve.checkpoint import checkpoint_label, local_checkpoint
 from serve.config import ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # answer under load tens of seconds.
 _LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0]
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+def _replica_id() -> str | None:
+    """This replica's id in Serve (None outside Serve: tests that build a Sampler directly)."""
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # RayServeException outside a replica
+        return None
 
 
 def replica_device() -> torch.device:
@@ -99,6 +110,8 @@ class Sampler:
             self.model = load_model(directory, dtype=_DTYPES[settings.replica.dtype], device=self.device)
         self.model.eval()
         self.load_seconds = time.perf_counter() - started
+        self.checkpoint_label = checkpoint_label(checkpoint)
+        self.replica_id = _replica_id()
         self._broken: BaseException | None = None
         # With batching off there is nothing to wait for.
         batching = settings.batching
@@ -109,9 +122,9 @@ class Sampler:
         logger.info("loaded %s on %s in %.1f s", checkpoint, self.device, self.load_seconds)
 
     async def stream(self, request: SampleRequest) -> AsyncIterator[BlockUpdate | SampleFailure]:
-        """Each block as it becomes final (or the failure)."""
+        """Each block as it becomes final (or the failure), naming this replica's checkpoint."""
         async for result in self._batcher.stream(request):
-            yield result
+            yield self._signed(result)
 
     async def answer(self, request: SampleRequest) -> BlockUpdate | SampleFailure:
         """The whole answer as one BlockUpdate (or the failure): the plain call for requests
@@ -124,8 +137,13 @@ class Sampler:
             tokens += result.token_ids
             forwards += result.forwards
             if result.final:
-                return BlockUpdate(result.blocks_done, result.num_blocks, tokens, forwards)
+                return self._signed(BlockUpdate(result.blocks_done, result.num_blocks, tokens, forwards))
         return SampleFailure(500, "the sampler ended the answer without its last block")
+
+    def _signed(self, result: BlockUpdate | SampleFailure) -> BlockUpdate | SampleFailure:
+        if isinstance(result, SampleFailure):
+            return result
+        return dataclasses.replace(result, checkpoint=self.checkpoint_label, replica=self.replica_id)
 
     async def ready(self) -> dict[str, Any]:
         return {"device": str(self.device), "load_seconds": round(self.load_seconds, 2),

@@ -215,15 +215,19 @@ def test_streamed_completion_adds_up_to_the_plain_answer(client):
 
 
 class ScriptedBackend:
-    """Blocks of known tokens: each block's text is known, so each must arrive as one chunk."""
+    """Blocks of known tokens: each block's text is known, so each must arrive as one chunk.
+    ``origins``: the (checkpoint, replica) that signs each request's blocks, in call order."""
 
-    def __init__(self, blocks: list[list[int]], forwards: list[int] | None = None) -> None:
+    def __init__(self, blocks: list[list[int]], forwards: list[int] | None = None,
+                 origins: list[tuple[str, str]] | None = None) -> None:
         self.blocks = blocks
         self.forwards = forwards or [0] * len(blocks)
+        self.origins = list(origins or [])
 
     async def stream(self, request: SampleRequest):
+        checkpoint, replica = self.origins.pop(0) if self.origins else (None, None)
         for index, (block, forwards) in enumerate(zip(self.blocks, self.forwards, strict=True)):
-            yield BlockUpdate(index + 1, len(self.blocks), tuple(block), forwards)
+            yield BlockUpdate(index + 1, len(self.blocks), tuple(block), forwards, checkpoint, replica)
 
     async def ready(self) -> dict:
         return {}
@@ -238,6 +242,23 @@ def test_each_committed_block_is_one_sse_chunk_and_the_stream_stops_at_eos(parts
                                                     "block_length": 4, "stream": True})
     assert [e["choices"][0]["text"] for e in events] == ["the cat", " sat on", ""]
     assert [e["choices"][0]["finish_reason"] for e in events] == [None, None, "stop"]
+
+
+def test_answers_name_the_checkpoint_and_replica_that_sampled_them(parts):
+    body = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 4, "block_length": 4}
+    origins = [("run/sft/checkpoint_000002", "r1"), ("run/sft/checkpoint_000004", "r2"),
+               ("run/sft/checkpoint_000002", "r1"), ("run/sft/checkpoint_000004", "r2")]
+    client = client_for(parts, backend=ScriptedBackend([[7] * 4], origins=origins))
+    plain = client.post("/v1/completions", json=body)
+    assert (plain.headers["X-LLaDA-Checkpoint"], plain.headers["X-LLaDA-Replica"]) == ("run/sft/checkpoint_000002", "r1")
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as streamed:
+        assert streamed.headers["X-LLaDA-Checkpoint"] == "run/sft/checkpoint_000004"
+        streamed.read()
+    # two prompts answered by both sides of a roll-out: both named, in order
+    both = client.post("/v1/completions", json={**body, "prompt": ["x", "y"]})
+    assert both.headers["X-LLaDA-Checkpoint"] == "run/sft/checkpoint_000002, run/sft/checkpoint_000004"
+    assert client_for(parts, backend=ScriptedBackend([[7] * 4])).post(
+        "/v1/completions", json=body).headers.get("X-LLaDA-Checkpoint") is None  # a backend that does not say
 
 
 def test_chat_completion_and_its_stream(client):

@@ -60,3 +60,14 @@ def test_a_folder_without_a_checkpoint_is_refused_clearly(tmp_path, s3_server):
     storage.write_text(storage.join(empty, "x/readme.txt"), "hi")
     with pytest.raises(CheckpointNotFound, match="no config.json"):
         load_metadata(storage.join(empty, "x"))
+
+
+@pytest.mark.parametrize(("uri", "label"), [
+    ("s3://bucket/runs/tiny-cpu/stages/sft/checkpoints/checkpoint_000800/hf", "tiny-cpu/sft/checkpoint_000800"),
+    ("./runs/tiny-cpu/stages/pretrain2/averages/top-000047-000094/hf", "tiny-cpu/pretrain2/top-000047-000094"),
+    ("/models/llada-moe-7b/v3", "llada-moe-7b/v3"),
+])
+def test_answers_name_a_checkpoint_by_run_stage_and_folder_not_its_storage_uri(uri, label):
+    from serve.checkpoint import checkpoint_label
+
+    assert checkpoint_label(uri) == label

@@ -104,6 +104,8 @@ def test_printed_config_is_a_valid_serve_deploy_config_that_round_trips():
     assert document["http_options"]["host"] == "127.0.0.1" and document["http_options"]["port"] == 8080
     assert document["http_options"]["request_timeout_s"] > app_args.config.request_timeout_s
     assert "runtime_env" not in str(ingress)
+    # a roll-out starts the new replicas before the old ones stop (serve/config.py: RolloutSettings)
+    assert sampler["max_surge_percent"] == ingress["max_surge_percent"] == 100
 
 
 def test_num_gpus_auto_is_left_to_the_builder():
@@ -122,10 +124,12 @@ def test_cli_print_config(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--print-config"], "--checkpoint: required"),
+    (["--checkpoint", "/c", "--detach"], "--detach needs a running Ray cluster"),
     (["--checkpoint", "/c", "--port", "0", "--print-config"], "port"),
     (["--config", "/no/such/serve.yaml", "--checkpoint", "/c"], "cannot read the serve config"),
 ])
-def test_cli_errors_name_the_problem(capsys, argv, needle):
+def test_cli_errors_name_the_problem(capsys, monkeypatch, argv, needle):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
 
