@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from jobs.recipe import DEFAULT_AVERAGE_K
 from llada.recipe import Recipe
 from pipelines import storage
 
@@ -228,14 +229,15 @@ def _stage(recipe: Recipe, name: str, raw: dict[str, Any], factor: float, steps:
     stage = recipe.stage(name)
     out = stage.model_dump(mode="json", exclude_none=True)
     out.pop("num_steps", None)
-    out.pop("scaling", None)  # the rehearsal's scaling is the cluster's
+    out.pop("scaling", None)  # the rehearsal's scaling is the cluster's (a stage's own layout is not kept)
     out.pop("fault_injection", None)
     for key in ("seq_len", "max_seq_len"):
-        if stage.model_dump().get(key) is not None:
+        if getattr(stage, key) is not None:
             out[key] = _scaled(getattr(stage, key), factor)
     micro = min(stage.micro_batch_size, MAX_MICRO_BATCH)
     accumulation = min(stage.grad_accumulation_steps, MAX_GRAD_ACCUMULATION)
-    stage_steps = max(steps, stage.average_k or 0) if stage.select == "average_top_k" else steps
+    average_k = stage.average_k or DEFAULT_AVERAGE_K
+    stage_steps = max(steps, average_k) if stage.select == "average_top_k" else steps
     if stage.select != "last":
         stage_steps = max(stage_steps, 2)  # a rule that compares checkpoints gets two or more
     seq_len = out.get("seq_len") or (_scaled(recipe.data.sft_seq_len, factor) if stage.kind == "sft"

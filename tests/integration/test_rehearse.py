@@ -23,6 +23,15 @@ RECIPE = Path(__file__).resolve().parents[2] / "jobs" / "recipes" / "llada-moe-7
 STAGES = ["pretrain1", "pretrain2", "anneal1", "anneal2", "sft"]
 
 
+def test_plan_checks_the_layout_against_the_connected_cluster(ray_cluster, capsys):
+    from llada.cli import main
+
+    assert main(["plan", str(RECIPE), "--ray-address", "auto", "--json"]) == 1
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["gpus"] == 0 and plan["gpus_from"] == "the connected cluster"
+    assert "stages.pretrain1: needs 64 GPUs (one per worker), the connected cluster has 0" in " ".join(plan["problems"])
+
+
 def test_rehearsal_of_the_7b_recipe_on_two_nodes_with_s3_storage(s3_server):
     bucket = s3_server.bucket("rehearse")
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
@@ -74,11 +83,3 @@ def test_rehearsal_of_the_7b_recipe_on_two_nodes_with_s3_storage(s3_server):
     keys = [key for key in storage.list_files(f"{bucket}/", s3) if not f"{run_uri}/".startswith(key)]
     assert keys and all(key.startswith(f"{run_uri}/") for key in keys), [k for k in keys if run_uri not in k][:5]
 
-
-def test_plan_checks_the_layout_against_the_connected_cluster(ray_cluster, capsys):
-    from llada.cli import main
-
-    assert main(["plan", str(RECIPE), "--ray-address", "auto", "--json"]) == 1
-    plan = json.loads(capsys.readouterr().out)
-    assert plan["gpus"] == 0 and plan["gpus_from"] == "the connected cluster"
-    assert "stages.pretrain1: needs 64 GPUs (one per worker), the connected cluster has 0" in " ".join(plan["problems"])
