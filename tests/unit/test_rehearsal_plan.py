@@ -1,5 +1,5 @@
-"""What `llada rehearse` keeps, shrinks and stands in (llada/rehearse.py), without Ray: the
-rehearsal recipe of the shipped recipes, reachable inputs kept, and refusals."""
+"""What `llada rehearse` keeps, shrinks and stands in (llada/rehearse.py, llada/standins.py),
+without Ray: the rehearsal recipe of the shipped recipes, reachable inputs kept, and refusals."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from llada.commands import RECIPES_DIR
 from llada.recipe import load_recipe
-from llada.rehearse import (REHEARSAL_SEQ_LEN, ClusterShape, lm_eval_output_type, plan_rehearsal,
-                            rehearsal_scaling)
+from llada.rehearse import REHEARSAL_SEQ_LEN, ClusterShape, plan_rehearsal, rehearsal_scaling
+from llada.standins import lm_eval_output_type
 from pipelines import storage
 
 TWO_CPU_NODES = ClusterShape(nodes=2, cpus_per_node=3.0, gpus=0.0)
