@@ -478,8 +478,8 @@ def run_rehearse_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (add_run_command, add_plan_command, add_rehearse_command, add_status_command, add_eval_command, add_lm_eval_command,
-            add_generate_command, add_submit_command, add_demo_command)
+COMMANDS = (add_run_command, add_plan_command, add_rehearse_command, add_status_command, add_eval_command,
+            add_lm_eval_command, add_generate_command, add_submit_command, add_demo_command)
 
 
 def add_serve_command(subparsers: Any) -> None:

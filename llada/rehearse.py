@@ -291,7 +291,8 @@ def _serve_block(recipe: Recipe, cluster: ClusterShape, shrank: list[tuple[str, 
 
 def serve_and_ask(rehearsal: Recipe, checkpoint: str, question: str, timeout_s: float = 300.0) -> dict[str, Any]:
     """Deploy the rehearsal's serve block for ``checkpoint`` on the connected Ray cluster (its own
-    app and route), send one chat request through the OpenAI API, and remove the app."""
+    app and route), send one chat request through the OpenAI API from this node, and remove the
+    app."""
     import os
 
     import ray
@@ -315,10 +316,9 @@ def serve_and_ask(rehearsal: Recipe, checkpoint: str, question: str, timeout_s: 
         os.environ[config.api_key_env] = secrets.token_urlsafe(24)
         key_note = (f"{config.api_key_env} is not set here: the rehearsal used a one-off key; the real endpoint "
                     "needs it set where the ingress runs (llada infra render: the llada-api-key secret)")
-    # HeadOnly: nodes of a local multi-node cluster share 127.0.0.1, so proxies on every node
-    # would compete for one port
-    run(AppArgs(checkpoint=checkpoint, config=config), name=REHEARSAL_APP, route_prefix=f"/{REHEARSAL_APP}",
-        proxy_location="HeadOnly")
+    # the request goes to this node's proxy (run() keeps one proxy, on the head, where nodes share
+    # an address: a local multi-node cluster)
+    run(AppArgs(checkpoint=checkpoint, config=config), name=REHEARSAL_APP, route_prefix=f"/{REHEARSAL_APP}")
     port = config.port
     if serve_was_running:  # Serve keeps the proxy it has: ask its port (no public API says it)
         from ray.serve.context import _get_global_client

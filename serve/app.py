@@ -217,8 +217,11 @@ def run(app_args: AppArgs, name: str = APP_NAME, route_prefix: str = "/",
         proxy_location: str | None = None) -> DeploymentHandle:
     """Start Serve's proxy on the config's host/port and deploy the app (Ray must be up). The
     API key, when the config names its variable, is copied from this process's environment to
-    the ingress replicas. ``proxy_location`` "HeadOnly" keeps one proxy where the nodes share an
-    address (a local multi-node cluster: every proxy would bind the same port)."""
+    the ingress replicas. ``proxy_location`` None is Serve's default (a proxy on every node),
+    except where nodes share an address (a local multi-node cluster, llada/cluster.py): every
+    proxy would bind the same port there, so one proxy runs, on the head."""
+    if proxy_location is None and _nodes_share_an_address():
+        proxy_location = "HeadOnly"
     config = app_args.config
     ingress_env = None
     if config.api_key_env is not None and os.environ.get(config.api_key_env):
@@ -226,3 +229,10 @@ def run(app_args: AppArgs, name: str = APP_NAME, route_prefix: str = "/",
     serve.start(http_options=http_options(config), proxy_location=proxy_location)
     return serve.run(build_app(app_args.model_dump(mode="json", exclude_none=True), ingress_env),
                      name=name, route_prefix=route_prefix)
+
+
+def _nodes_share_an_address() -> bool:
+    import ray
+
+    addresses = [node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")]
+    return len(addresses) > len(set(addresses))

@@ -140,3 +140,15 @@ def test_add_serve_command_plugs_into_the_llada_parser():
     args = parser.parse_args(["serve", "--checkpoint", "s3://b/c", "--host", "0.0.0.0", "--print-config"])
     assert args.command == "serve" and args.checkpoint == "s3://b/c" and args.print_config
     assert args.handler.__name__ == "run_serve"
+
+
+def test_one_proxy_where_the_nodes_share_an_address(monkeypatch):
+    import ray
+
+    from serve.app import _nodes_share_an_address
+
+    local = [{"Alive": True, "NodeManagerAddress": "127.0.0.1"}] * 2 + [{"Alive": False, "NodeManagerAddress": "x"}]
+    monkeypatch.setattr(ray, "nodes", lambda: local)
+    assert _nodes_share_an_address()  # a local multi-node cluster: one proxy, on the head
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": f"10.0.0.{i}"} for i in (1, 2)])
+    assert not _nodes_share_an_address()
