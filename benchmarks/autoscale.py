@@ -166,11 +166,6 @@ def watch_replicas(recorder: Recorder, stop: threading.Event) -> None:
         stop.wait(0.25)
 
 
-def running_at(recorder: Recorder) -> int:
-    with recorder.lock:
-        return recorder.replicas[-1]["running"] if recorder.replicas else 0
-
-
 def deploy(checkpoint: str, config_file: str, address: str) -> float:
     started = time.perf_counter()
     result = subprocess.run([LLADA, "serve", "--checkpoint", checkpoint, "--config", config_file,
@@ -206,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         while not recorder.replicas and time.monotonic() < deadline:  # the first status before any load
             time.sleep(0.1)
         with requests.Session() as session:
-            ask(base, "warm-up", recorder, session)
+            first_replica = ask(base, "warm-up", recorder, session).replica
 
         # 1. burst until a second replica answered and held a while (bounded)
         burst_start = recorder.now()
@@ -214,11 +209,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         second_answer = None
         while recorder.now() - burst_start < args.max_burst_s:
             with recorder.lock:
-                replicas_seen = {o.replica for o in recorder.outcomes if o.phase == "burst" and o.replica}
-                if second_answer is None and len(replicas_seen) >= 2:
-                    first_replica = next(o.replica for o in recorder.outcomes if o.replica)
-                    second_answer = min(o.ended for o in recorder.outcomes
-                                        if o.phase == "burst" and o.replica and o.replica != first_replica)
+                second_answer = min((o.ended for o in recorder.outcomes
+                                     if o.phase == "burst" and o.replica not in (None, first_replica)), default=None)
             if second_answer is not None and recorder.now() - second_answer >= args.hold_s:
                 break
             time.sleep(0.25)
@@ -231,7 +223,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         clients = Clients(base, recorder, "cool-down", 1)
         cool_start = recorder.now()
         while recorder.now() - cool_start < args.max_cool_s:
-            if running_at(recorder) == 1 and max(r["total"] for r in recorder.replicas[-4:]) == 1:
+            with recorder.lock:
+                last = recorder.replicas[-4:]  # one running replica and nothing stopping, for a second
+                settled = len(last) == 4 and all(r["total"] == r["running"] == 1 for r in last)
+            if settled:
                 break
             time.sleep(0.25)
         time.sleep(1.0)
@@ -251,8 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         watcher.join(timeout=10)
         from ray import serve
 
-        serve.shutdown()
-        ray.shutdown()
+        serve.shutdown()  # the cluster's end disconnects this driver too
 
     outcomes = recorder.outcomes
     by_phase = {phase: [o for o in outcomes if o.phase == phase] for phase in ("burst", "cool-down", "roll-out")}

@@ -441,8 +441,7 @@ def add_rehearse_command(subparsers: Any) -> None:
 
 def run_rehearse_command(args: argparse.Namespace) -> int:
     from jobs.dag import run_status
-    from llada.rehearse import (ClusterShape, as_json, outcome_table, plan_rehearsal, rehearsal_run_id,
-                                run_rehearsal)
+    from llada.rehearse import ClusterShape, outcome_table, plan_rehearsal, rehearsal_run_id, run_rehearsal
     from pipelines import storage
 
     recipe = load(args)
@@ -463,18 +462,18 @@ def run_rehearse_command(args: argparse.Namespace) -> int:
             return 2
         console.say(rehearsal.describe())
         console.say()
-        result = run_rehearsal(rehearsal, s3, console.say, on_step=console.step)
+        record = run_rehearsal(rehearsal, s3, console.say, on_step=console.step)
         console.say()
         console.say(status_table(run_status(rehearsal.recipe, s3)))
         console.say()
-        console.say(outcome_table(result))
-        served = result.served
+        console.say(outcome_table(record))
+        served = record["served"]
         console.say(f"\nserved answer ({served['model']}, {served['completion_tokens']} tokens, "
                     f"{served['seconds']} s): > {served['question']}\n  {served['answer']!r}")
-        console.say(f"\nrehearsal finished in {result.seconds / 60:.1f} min; record: "
-                    f"{storage.join(result.run_uri, 'rehearsal.json')}")
+        console.say(f"\nrehearsal finished in {record['seconds'] / 60:.1f} min; record: "
+                    f"{storage.join(record['run_uri'], 'rehearsal.json')}")
         if args.json:
-            console.say(as_json(result))
+            console.say(json.dumps(record))
     return 0
 
 

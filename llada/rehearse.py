@@ -26,12 +26,11 @@ answer; ``rehearsal.yaml`` is the rehearsal's recipe, for `llada run` to reprodu
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from jobs.recipe import DEFAULT_AVERAGE_K
@@ -222,21 +221,19 @@ def _stage(recipe: Recipe, name: str, raw: dict[str, Any], factor: float, steps:
     stage_steps = max(steps, average_k) if stage.select == "average_top_k" else steps
     if stage.select != "last":
         stage_steps = max(stage_steps, 2)  # a rule that compares checkpoints gets two or more
-    seq_len = out.get("seq_len") or (_scaled(recipe.data.sft_seq_len, factor) if stage.kind == "sft"
-                                      else REHEARSAL_SEQ_LEN)
+    seq_len = out.get("seq_len") or raw["data"]["sft_seq_len" if stage.kind == "sft" else "seq_len"]
     workers = raw["scaling"]["num_workers"]
     budget = stage_steps * micro * accumulation * workers * seq_len
     out.update(micro_batch_size=micro, grad_accumulation_steps=accumulation,
                mixture={**out["mixture"], "token_budget": budget},
                checkpoint_every=1 if stage.select != "last" else stage_steps,
-               keep_last=max(stage_steps if stage.select != "last" else 1, 1))
+               keep_last=stage_steps if stage.select != "last" else 1)
     schedule = dict(out.get("schedule", {}))
     schedule["warmup_steps"] = min(schedule.get("warmup_steps", 0), 1)
     out["schedule"] = schedule
     real = recipe.stage_config(name, data_uri="-", output_uri="-")
-    shrank.append((f"stage {name}",
-                   f"{real.num_steps:,} steps of {real.micro_batch_size * real.grad_accumulation_steps * recipe.scaling.num_workers} "
-                   f"rows x {recipe.seq_len_of(name)}",
+    real_rows = real.micro_batch_size * real.grad_accumulation_steps * real.scaling.num_workers
+    shrank.append((f"stage {name}", f"{real.num_steps:,} steps of {real_rows} rows x {recipe.seq_len_of(name)}",
                    f"{stage_steps} steps of {micro * accumulation * workers} rows x {seq_len}, "
                    f"{math.ceil(stage_steps / out['checkpoint_every'])} checkpoint(s)"))
     return out
@@ -344,15 +341,6 @@ def serve_and_ask(rehearsal: Recipe, checkpoint: str, question: str, timeout_s: 
 
 # ---- the whole rehearsal --------------------------------------------------------------------
 
-@dataclass
-class RehearsalResult:
-    run_uri: str
-    stages: list[dict[str, Any]]
-    served: dict[str, Any]
-    seconds: float
-    record: dict[str, Any] = field(default_factory=dict)
-
-
 def write_stand_ins(rehearsal: Rehearsal, s3: storage.S3Settings | None, say: Callable[[str], None]) -> None:
     """Write each stand-in not written yet: a resumed rehearsal keeps its own (a tokenizer
     trained again would not match the shards packed with the first)."""
@@ -365,9 +353,10 @@ def write_stand_ins(rehearsal: Rehearsal, s3: storage.S3Settings | None, say: Ca
 
 
 def run_rehearsal(rehearsal: Rehearsal, s3: storage.S3Settings | None, say: Callable[[str], None],
-                  on_step: Callable[[dict[str, Any]], None] | None = None) -> RehearsalResult:
+                  on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Write the stand-ins, run every stage (jobs.dag.run_recipe), serve the final selection and
-    ask it one question; ``rehearsal.json`` records all of it in the rehearsal's run folder."""
+    ask it one question; returns the record of all of it, also written as ``rehearsal.json`` in
+    the rehearsal's run folder."""
     import yaml
 
     from jobs.dag import run_recipe, run_status
@@ -383,11 +372,10 @@ def run_rehearsal(rehearsal: Rehearsal, s3: storage.S3Settings | None, say: Call
     final = rows[-1]["selected"]
     say(f"[rehearse] serving {final['hf_uri']} for one chat request")
     served = serve_and_ask(recipe, final["hf_uri"], _question(recipe, s3))
-    seconds = time.perf_counter() - started
-    stages = [_stage_outcome(recipe, row, s3) for row in rows]
-    record.update(stages=stages, served=served, seconds=round(seconds, 1), finished_at=time.time())
+    record.update(stages=[_stage_outcome(recipe, row, s3) for row in rows], served=served,
+                  seconds=round(time.perf_counter() - started, 1), finished_at=time.time())
     storage.write_json(storage.join(recipe.run_uri, "rehearsal.json"), record, s3)
-    return RehearsalResult(run_uri=recipe.run_uri, stages=stages, served=served, seconds=seconds, record=record)
+    return record
 
 
 def _question(recipe: Recipe, s3: storage.S3Settings | None) -> str:
@@ -424,10 +412,12 @@ def _stage_outcome(recipe: Recipe, row: dict[str, Any], s3: storage.S3Settings |
     return outcome
 
 
-def outcome_table(result: RehearsalResult) -> str:
+def outcome_table(record: dict[str, Any]) -> str:
+    """Each stage of a rehearsal record: state, rule, selected step, eval average, row length,
+    RoPE base, context and the workers / nodes it trained on."""
     header = ("stage", "state", "select", "step", "average", "rows", "RoPE", "context", "workers/nodes")
     lines = []
-    for s in result.stages:
+    for s in record["stages"]:
         average = "-" if s.get("eval_average") is None else f"{s['eval_average']:.4f}"
         lines.append((s["stage"], s["state"], s["select"], str(s["selected_step"]), average, str(s["seq_len"]),
                       f"{s.get('rope_theta', 0):g}", str(s.get("max_position_embeddings")),
@@ -436,8 +426,5 @@ def outcome_table(result: RehearsalResult) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                      for row in [header, *lines])
 
-
-def as_json(result: RehearsalResult) -> str:
-    return json.dumps({**result.record, "seconds": round(result.seconds, 1)}, default=str)
 
 

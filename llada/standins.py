@@ -241,55 +241,24 @@ def _eval_stand_in(task: Any, entry: dict[str, Any], folder: str,
 
         return entry, StandIn(f"eval.tasks.{task.name}", original, uri,
                               f"{len(rows)} synthetic {task.kind} items ({source_set})", write, uri)
+    from pipelines.demo.eval_sets import lm_eval_task_files
+
     output_type = lm_eval_output_type(task)
     name = f"llada_rehearsal_{task.name.replace('-', '_').replace('.', '_')}"
     task_folder = storage.join(folder, "lm_eval", task.name)
+    files, metric = lm_eval_task_files(name, output_type, sets, fewshot=bool(entry.get("num_fewshot")))
     data_uri = storage.join(task_folder, f"{name}.jsonl")
-    yaml_text, rows, metric = _lm_eval_files(name, output_type, sets, fewshot=bool(entry.get("num_fewshot")))
     entry.update(task=name, metric=metric, include_path=task_folder, data_files={"test": data_uri},
                  allow_code_execution=False)
 
     def write_lm_eval(s3: storage.S3Settings | None) -> None:
-        storage.write_text(storage.join(task_folder, f"{name}.yaml"), yaml_text, s3)
-        storage.write_text(data_uri, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), s3)
+        for file_name, text in files.items():
+            storage.write_text(storage.join(task_folder, file_name), text, s3)
 
     kind = {"multiple_choice": "multiple-choice", "generate_until": "generation",
             "loglikelihood_rolling": "rolling-likelihood"}[output_type]
+    items = len(files[f"{name}.jsonl"].splitlines())
     note = "; its code is not run" if task.allow_code_execution else ""
     return entry, StandIn(f"eval.tasks.{task.name}", original, task_folder,
-                          f"local lm-eval task {name}: {len(rows)} synthetic {kind} items, metric {metric}{note}",
+                          f"local lm-eval task {name}: {items} synthetic {kind} items, metric {metric}{note}",
                           write_lm_eval, data_uri)
-
-
-def _lm_eval_files(name: str, output_type: str, sets: dict[str, list[dict[str, Any]]],
-                   fewshot: bool) -> tuple[str, list[dict[str, Any]], str]:
-    """(task YAML, rows, the metric as the suite names it) of a stand-in lm-eval task."""
-    import yaml
-
-    config: dict[str, Any] = {"task": name, "dataset_path": "json",
-                              "dataset_kwargs": {"data_files": {"test": f"{name}.jsonl"}}, "test_split": "test",
-                              "output_type": output_type}
-    if fewshot:
-        config["fewshot_split"] = "test"
-    if output_type == "multiple_choice":
-        rows = [{"question": item["prompt"].rstrip(), "choices": item["choices"], "label": item["answer_index"]}
-                for item in sets["choice_counting"]]
-        config.update(doc_to_text="question", doc_to_choice="choices", doc_to_target="label", target_delimiter=" ",
-                      metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
-        metric = "acc"
-    elif output_type == "generate_until":
-        rows = [{"question": item["prompt"], "answer": item["answer"]} for item in sets["gen_reading"]]
-        config.update(doc_to_text="question", doc_to_target="answer",
-                      generation_kwargs={"until": [".", "\n"], "max_gen_toks": GEN_TOKENS, "do_sample": False},
-                      filter_list=[{"name": "strip", "filter": [{"function": "regex", "regex_pattern": r"^\s*(.*?)\s*$"},
-                                                                {"function": "take_first"}]}],
-                      metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}])
-        metric = "exact_match,strip"
-    else:
-        rows = [{"text": item["text"]} for item in sets["heldout_text"]]
-        config.update(doc_to_text="", doc_to_target="text",
-                      metric_list=[{"metric": "bits_per_byte", "aggregation": "bits_per_byte",
-                                    "higher_is_better": False}])
-        metric = "bits_per_byte"
-    config["metadata"] = {"version": 1.0}
-    return yaml.safe_dump(config, sort_keys=False), rows, metric

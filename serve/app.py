@@ -213,15 +213,13 @@ def serve_config_yaml(app_args: AppArgs) -> str:
     return header + yaml.safe_dump(serve_config_document(app_args), sort_keys=False)
 
 
-def run(app_args: AppArgs, name: str = APP_NAME, route_prefix: str = "/",
-        proxy_location: str | None = None) -> DeploymentHandle:
+def run(app_args: AppArgs, name: str = APP_NAME, route_prefix: str = "/") -> DeploymentHandle:
     """Start Serve's proxy on the config's host/port and deploy the app (Ray must be up). The
     API key, when the config names its variable, is copied from this process's environment to
-    the ingress replicas. ``proxy_location`` None is Serve's default (a proxy on every node),
-    except where nodes share an address (a local multi-node cluster, llada/cluster.py): every
-    proxy would bind the same port there, so one proxy runs, on the head."""
-    if proxy_location is None and _nodes_share_an_address():
-        proxy_location = "HeadOnly"
+    the ingress replicas. The proxies are Serve's default (one on every node), except where nodes
+    share an address (a local multi-node cluster, llada/cluster.py): every proxy would bind the
+    same port there, so one proxy runs, on the head."""
+    proxy_location = "HeadOnly" if _nodes_share_an_address() else None
     config = app_args.config
     ingress_env = None
     if config.api_key_env is not None and os.environ.get(config.api_key_env):

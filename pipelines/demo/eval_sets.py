@@ -20,7 +20,6 @@ from pipelines.demo import world
 # lm-evaluation-harness tasks made from the held-out sets: ``eval/lm_eval/<task>.yaml`` over
 # ``eval/lm_eval/<task>.jsonl`` (:func:`lm_eval_files`).
 DEMO_LM_EVAL_FOLDER = "lm_eval"
-LM_EVAL_TASKS = {"llada_demo_counting": "choice_counting", "llada_demo_reading": "gen_reading"}
 
 EVAL_TASKS = ("gen_reading", "gen_arithmetic", "gen_counting", "gen_code", "choice_arithmetic", "choice_counting",
               "choice_grammar", "heldout_text", "heldout_math")
@@ -133,51 +132,73 @@ def build_eval_sets(seed: int, count: int) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def lm_eval_files(sets: dict[str, list[dict[str, Any]]], folder_path: str | None) -> dict[str, str]:
-    """File name -> text of the demo's lm-eval tasks (``LM_EVAL_TASKS``), in lm-eval's task YAML
-    format over JSONL rows:
+# The demo's lm-eval tasks by output type: the held-out set each reads, its rows, its YAML fields
+# and the metric as the eval suite names it (metric, plus the filter when it is not "none").
+def _multiple_choice(sets: dict[str, list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    rows = [{"question": item["prompt"].rstrip(), "choices": item["choices"], "label": item["answer_index"]}
+            for item in sets["choice_counting"]]
+    fields = dict(output_type="multiple_choice", doc_to_text="question", doc_to_choice="choices",
+                  doc_to_target="label", target_delimiter=" ",
+                  metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
+    return rows, fields, "acc"
 
-    - ``llada_demo_counting`` (multiple choice, metric ``acc``): a counting story's question,
-      four answers, the right one by likelihood;
-    - ``llada_demo_reading`` (generate_until, metric ``exact_match``): a passage and its
-      question as raw text, the answer up to the first full stop.
 
-    ``folder_path``: where the files will be on local disk, written into each YAML as its data
-    file so that ``lm_eval --include_path <folder>`` runs them as they are; None (a corpus in
-    object storage) leaves a bare file name, and the eval suite points the task at the file in
-    storage (``data_files``), which it always does.
-    """
+def _generate_until(sets: dict[str, list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    rows = [{"question": item["prompt"], "answer": item["answer"]} for item in sets["gen_reading"]]
+    fields = dict(output_type="generate_until", doc_to_text="question", doc_to_target="answer",
+                  generation_kwargs={"until": [".", "\n"], "max_gen_toks": 16, "do_sample": False},
+                  # the continuation starts with the space before the answer: strip it before exact match
+                  filter_list=[{"name": "strip", "filter": [{"function": "regex", "regex_pattern": r"^\s*(.*?)\s*$"},
+                                                            {"function": "take_first"}]}],
+                  metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}])
+    return rows, fields, "exact_match,strip"
+
+
+def _loglikelihood_rolling(sets: dict[str, list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    rows = [{"text": item["text"]} for item in sets["heldout_text"]]
+    fields = dict(output_type="loglikelihood_rolling", doc_to_text="", doc_to_target="text",
+                  metric_list=[{"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}])
+    return rows, fields, "bits_per_byte"
+
+
+LM_EVAL_OUTPUT_TYPES = {"multiple_choice": _multiple_choice, "generate_until": _generate_until,
+                        "loglikelihood_rolling": _loglikelihood_rolling}
+
+
+def lm_eval_task_files(task: str, output_type: str, sets: dict[str, list[dict[str, Any]]],
+                       folder_path: str | None = None, fewshot: bool = False) -> tuple[dict[str, str], str]:
+    """({file name: text} of an lm-eval task of ``output_type`` over the held-out sets, in lm-eval's
+    task YAML format over JSONL rows; the metric as the eval suite names it).
+
+    - ``multiple_choice`` (metric ``acc``): a counting story's question, four answers, the right
+      one by likelihood;
+    - ``generate_until`` (metric ``exact_match`` after a ``strip`` filter): a passage and its
+      question as raw text, the answer up to the first full stop;
+    - ``loglikelihood_rolling`` (metric ``bits_per_byte``): held-out text.
+
+    ``folder_path``: where the files will be on local disk, written into the YAML as its data
+    file so that ``lm_eval --include_path <folder>`` runs them as they are; None (files in object
+    storage) leaves a bare file name, and the eval suite points the task at the file in storage
+    (``data_files``), which it always does. ``fewshot`` draws few-shot examples from the same
+    split (there is no other)."""
     import json
 
     import yaml
 
-    def data_file(task: str) -> str:
-        name = f"{task}.jsonl"
-        return f"{folder_path.rstrip('/')}/{name}" if folder_path else name
+    rows, fields, metric = LM_EVAL_OUTPUT_TYPES[output_type](sets)
+    name = f"{task}.jsonl"
+    config = {"task": task, "dataset_path": "json",
+              "dataset_kwargs": {"data_files": {"test": f"{folder_path.rstrip('/')}/{name}" if folder_path else name}},
+              "test_split": "test", **fields, **({"fewshot_split": "test"} if fewshot else {}),
+              "metadata": {"version": 1.0}}
+    return {name: "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows),
+            f"{task}.yaml": yaml.safe_dump(config, sort_keys=False)}, metric
 
-    def task_yaml(task: str, **fields: Any) -> str:
-        config = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": data_file(task)}},
-                  "test_split": "test", **fields, "metadata": {"version": 1.0}}
-        return yaml.safe_dump(config, sort_keys=False)
 
-    def jsonl(rows: list[dict[str, Any]]) -> str:
-        return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-
-    counting = [{"question": item["prompt"].rstrip(), "choices": item["choices"], "label": item["answer_index"]}
-                for item in sets[LM_EVAL_TASKS["llada_demo_counting"]]]
-    reading = [{"question": item["prompt"], "answer": item["answer"]} for item in sets[LM_EVAL_TASKS["llada_demo_reading"]]]
-    return {
-        "llada_demo_counting.jsonl": jsonl(counting),
-        "llada_demo_reading.jsonl": jsonl(reading),
-        "llada_demo_counting.yaml": task_yaml(
-            "llada_demo_counting", output_type="multiple_choice", doc_to_text="question", doc_to_choice="choices",
-            doc_to_target="label", target_delimiter=" ",
-            metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]),
-        "llada_demo_reading.yaml": task_yaml(
-            "llada_demo_reading", output_type="generate_until", doc_to_text="question", doc_to_target="answer",
-            generation_kwargs={"until": [".", "\n"], "max_gen_toks": 16, "do_sample": False},
-            # the continuation starts with the space before the answer: strip it before exact match
-            filter_list=[{"name": "strip", "filter": [{"function": "regex", "regex_pattern": r"^\s*(.*?)\s*$"},
-                                                      {"function": "take_first"}]}],
-            metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]),
-    }
+def lm_eval_files(sets: dict[str, list[dict[str, Any]]], folder_path: str | None) -> dict[str, str]:
+    """File name -> text of the demo's lm-eval tasks (:func:`lm_eval_task_files`):
+    ``llada_demo_counting`` (multiple choice) and ``llada_demo_reading`` (generation)."""
+    files: dict[str, str] = {}
+    for task, output_type in (("llada_demo_counting", "multiple_choice"), ("llada_demo_reading", "generate_until")):
+        files.update(lm_eval_task_files(task, output_type, sets, folder_path)[0])
+    return files
