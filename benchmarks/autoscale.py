@@ -178,8 +178,7 @@ def deploy(checkpoint: str, config_file: str, address: str) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from llada.cluster import local_cluster
-    from llada.rehearse import free_port
+    from llada.cluster import free_port, local_cluster
     from serve.checkpoint import checkpoint_label
 
     work = Path(tempfile.mkdtemp(prefix="llada-autoscale-"))

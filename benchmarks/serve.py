@@ -70,14 +70,6 @@ def demo_checkpoint(run: Path) -> str:
     return json.loads(record.read_text())["checkpoint"]["hf_uri"]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def deploy(checkpoint: str, config_path: str, port: int) -> str:
     from serve.app import run
     from serve.config import AppArgs, load_serve_config
@@ -241,6 +233,7 @@ def main() -> int:
     import ray
     from ray import serve
 
+    from llada.cluster import free_port
     from serve.app import SAMPLER_NAME, APP_NAME
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

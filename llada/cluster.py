@@ -9,6 +9,7 @@ use. Node CPUs are logical: they say how Ray may place work, not how many cores 
 from __future__ import annotations
 
 import contextlib
+import socket
 from typing import Iterator
 
 NODE_OBJECT_STORE_BYTES = 512 * 2**20  # per node: the rehearsal's blocks are small
@@ -34,3 +35,10 @@ def local_cluster(nodes: int, cpus_per_node: float) -> Iterator[str]:
 
         ray.shutdown()
         cluster.shutdown()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a server started next)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import math
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from jobs.recipe import DEFAULT_AVERAGE_K
+from llada.cluster import free_port
 from llada.recipe import Recipe
 from llada.standins import STANDIN_DOCUMENTS, StandIn, data_stand_ins, eval_block
 from pipelines import storage
@@ -262,12 +262,6 @@ def _data(recipe: Recipe, raw: dict[str, Any], standin_uri: str, stand_ins: list
 
 
 # ---- serving --------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _serve_block(recipe: Recipe, cluster: ClusterShape, shrank: list[tuple[str, str, str]]) -> dict[str, Any]:
     """The recipe's serve block (or the shipped config for its hardware) with one replica on the
